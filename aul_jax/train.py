@@ -1,0 +1,291 @@
+"""Data-parallel training: a per-device train step under `jax.shard_map`, one compiled epoch.
+
+The per-device programming model is pmap's (collectives over a 'data' axis), written with
+`jax.shard_map` under `jax.jit` on a 1-D mesh. Training data live on the device; an epoch
+(shuffle, augmentation, every step, the AUL scatter) is one `lax.scan`, one host dispatch.
+"""
+
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from aul_jax import augment, aul, losses
+
+DATA_AXIS = 'data'
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh over `devices` (default: all of them) whose axis is the data axis."""
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Places every array of `tree` on every device of `mesh`."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def make_optimizer(
+  *,
+  learning_rate: float,
+  momentum: float,
+  weight_decay: float,
+  steps_per_epoch: int,
+  lr_drop_epochs: Sequence[int] = (),
+  lr_drop_factor: float = 0.1,
+) -> optax.GradientTransformation:
+  """SGD with momentum and coupled weight decay (as in PyTorch), step-wise LR drops at epochs."""
+  schedule = optax.piecewise_constant_schedule(
+    learning_rate, {int(e) * steps_per_epoch: lr_drop_factor for e in lr_drop_epochs}
+  )
+  return optax.chain(
+    optax.add_decayed_weights(weight_decay),
+    optax.sgd(schedule, momentum=momentum),
+  )
+
+
+def create_train_state(
+  model: nn.Module,
+  optimizer: optax.GradientTransformation,
+  image_shape: tuple[int, ...],
+  key: jax.Array,
+) -> TrainState:
+  """Fresh parameters, batch statistics and optimizer state for `model`."""
+
+  @jax.jit
+  def init(key):
+    variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params = variables['params']
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get('batch_stats', {}),
+      opt_state=optimizer.init(params),
+    )
+
+  return init(key)
+
+
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model: nn.Module,
+  optimizer: optax.GradientTransformation,
+  axis_name: str = DATA_AXIS,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """Per-device SGD step on this device's shard; returns per-example losses and correctness.
+
+  `batch['weight']` is the per-example loss weight, already 0 for padding. The loss is the
+  weighted mean over the global batch, so the parameter gradient, summed over the data axis
+  by shard_map's transpose of the replicated parameters, is the global-batch gradient.
+  """
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    logits_BxK, updates = model.apply(
+      variables, batch['image'], train=True, mutable=['batch_stats']
+    )
+    loss_B = losses.cross_entropy(logits_BxK, batch['label'])
+    return losses.weighted_mean(loss_B, batch['weight'], axis_name), (loss_B, logits_BxK, updates)
+
+  grads, (loss_B, logits_BxK, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+  param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  state = state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, param_updates),
+    batch_stats=updates.get('batch_stats', state.batch_stats),
+    opt_state=opt_state,
+  )
+  correct_B = jnp.argmax(logits_BxK, axis=-1) == batch['label']
+  return state, {'loss': loss_B, 'correct': correct_B}
+
+
+def epoch_order(key: jax.Array, num_examples: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """A shuffled pass over all examples as (steps, batch) indices and a mask of real entries.
+
+  The last batch is padded with repeats of already-seen examples whose mask is False, so
+  every example is counted exactly once per epoch and nothing is dropped.
+  """
+  steps = math.ceil(num_examples / batch_size)
+  permutation = jax.random.permutation(key, num_examples)
+  position = jnp.arange(steps * batch_size)
+  index = permutation[position % num_examples]
+  mask = position < num_examples
+  return index.reshape(steps, batch_size), mask.reshape(steps, batch_size)
+
+
+def _device_slice(x_B: jax.Array, local_batch: int) -> jax.Array:
+  """This device's contiguous share of a global-batch vector."""
+  start = jax.lax.axis_index(DATA_AXIS) * local_batch
+  return jax.lax.dynamic_slice_in_dim(x_B, start, local_batch)
+
+
+def _gather_batch(data, index_b, mask_b, key_b, augment_images: bool) -> dict[str, jax.Array]:
+  """Gathers (and augments) this device's examples from the device-resident data."""
+  images = data['image'][index_b]
+  if augment_images:
+    images = augment.augment_batch(images, key_b)
+  weight = jnp.where(mask_b, data['weight'][index_b], 0.0)
+  return {'image': images, 'label': data['label'][index_b], 'weight': weight}
+
+
+def make_train_epoch(
+  model: nn.Module,
+  optimizer: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  *,
+  num_examples: int,
+  batch_size: int,
+  augment_images: bool,
+) -> Callable:
+  """Compiles `run_epoch(state, aul_state, data, key, epoch) -> (state, aul_state, stats)`.
+
+  `data` holds replicated device arrays 'image' (N,H,W,C), 'label' (N,) and 'weight' (N,).
+  The per-example losses of each step are gathered over devices and scattered by index into
+  the epoch's loss vector, which is folded into the donated AUL state.
+  """
+  local_batch = batch_size // mesh.shape[DATA_AXIS]
+  step_fn = functools.partial(train_step, model=model, optimizer=optimizer)
+
+  def per_device_epoch(state, data, key):
+    order_key, augment_key = jax.random.split(key)
+    index_SxB, mask_SxB = epoch_order(order_key, num_examples, batch_size)
+
+    def body(carry, step_inputs):
+      state, epoch_loss_N, stats = carry
+      step, index_B, mask_B = step_inputs
+      keys_B = jax.random.split(jax.random.fold_in(augment_key, step), batch_size)
+      index_b, mask_b = _device_slice(index_B, local_batch), _device_slice(mask_B, local_batch)
+      batch = _gather_batch(data, index_b, mask_b, _device_slice(keys_B, local_batch),
+                            augment_images)
+      state, metrics = step_fn(state, batch)
+      loss_B = jax.lax.all_gather(metrics['loss'], DATA_AXIS, tiled=True, to='invarying')
+      correct_B = jax.lax.all_gather(metrics['correct'], DATA_AXIS, tiled=True, to='invarying')
+      epoch_loss_N = aul.scatter_losses(epoch_loss_N, index_B, loss_B, mask_B)
+      finite = jnp.all(jnp.isfinite(jnp.where(mask_B, loss_B, 0.0)))
+      stats = {
+        'loss_sum': stats['loss_sum'] + jnp.sum(jnp.where(mask_B, loss_B, 0.0)),
+        'correct': stats['correct'] + jnp.sum(mask_B & correct_B),
+        'first_nonfinite_step': jnp.where(
+          (stats['first_nonfinite_step'] < 0) & ~finite, step, stats['first_nonfinite_step']
+        ),
+      }
+      return (state, epoch_loss_N, stats), None
+
+    stats = {
+      'loss_sum': jnp.zeros((), jnp.float32),
+      'correct': jnp.zeros((), jnp.int32),
+      'first_nonfinite_step': jnp.array(-1, jnp.int32),
+    }
+    steps = jnp.arange(index_SxB.shape[0])
+    carry = (state, jnp.zeros((num_examples,), jnp.float32), stats)
+    (state, epoch_loss_N, stats), _ = jax.lax.scan(body, carry, (steps, index_SxB, mask_SxB))
+    return state, epoch_loss_N, stats
+
+  sharded_epoch = jax.shard_map(
+    per_device_epoch, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P(), P())
+  )
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def run_epoch(state, aul_state, data, key, epoch):
+    state, epoch_loss_N, stats = sharded_epoch(state, data, jax.random.fold_in(key, epoch))
+    return state, aul.add_epoch(aul_state, epoch_loss_N, epoch), stats
+
+  return run_epoch
+
+
+def make_evaluate(
+  model: nn.Module, mesh: jax.sharding.Mesh, *, num_examples: int, batch_size: int
+) -> Callable:
+  """Compiles `evaluate(state, images, labels) -> number of correct predictions` (eval mode)."""
+  local_batch = batch_size // mesh.shape[DATA_AXIS]
+  steps = math.ceil(num_examples / batch_size)
+
+  def per_device_eval(state, images, labels):
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+
+    def body(correct, position_B):
+      position_b = _device_slice(position_B, local_batch)
+      index_b = jnp.minimum(position_b, num_examples - 1)
+      logits = model.apply(variables, images[index_b], train=False)
+      hit = (jnp.argmax(logits, -1) == labels[index_b]) & (position_b < num_examples)
+      return correct + jax.lax.psum(jnp.sum(hit), DATA_AXIS), None
+
+    positions = jnp.arange(steps * batch_size).reshape(steps, batch_size)
+    correct, _ = jax.lax.scan(body, jnp.zeros((), jnp.int32), positions)
+    return correct
+
+  return jax.jit(
+    jax.shard_map(per_device_eval, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P())
+  )
+
+
+def to_host(tree: Any) -> Any:
+  """Copies a pytree of device arrays to numpy (the only place training data leave the device)."""
+  return jax.tree.map(np.asarray, tree)
+
+
+class DivergedError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+def _log_epoch(epoch: int, stats: dict, num_examples: int, seconds: float, log: Callable) -> None:
+  stats = to_host(stats)
+  if stats['first_nonfinite_step'] >= 0:
+    raise DivergedError(
+      f"non-finite training loss at epoch {epoch + 1}, step {int(stats['first_nonfinite_step'])}"
+      ' (0-based within the epoch); lower the learning rate or check the inputs'
+    )
+  log(
+    f"epoch {epoch + 1}: loss {stats['loss_sum'] / num_examples:.4f}, "
+    f"train accuracy {stats['correct'] / num_examples:.4f}, "
+    f'{num_examples / max(seconds, 1e-9):.0f} images/s'
+  )
+
+
+def train_epochs(
+  run_epoch: Callable,
+  state: TrainState,
+  aul_state: aul.AULState,
+  data: dict[str, jax.Array],
+  key: jax.Array,
+  *,
+  num_epochs: int,
+  num_examples: int,
+  log: Callable[[str], None],
+) -> tuple[TrainState, aul.AULState]:
+  """Runs `num_epochs` compiled epochs; metrics are read one epoch late so the device never idles.
+
+  Raises DivergedError naming the epoch and step of the first non-finite loss.
+  """
+  pending, pending_start = None, 0.0
+  for epoch in range(num_epochs):
+    start = time.perf_counter()
+    state, aul_state, stats = run_epoch(state, aul_state, data, key, epoch)
+    if pending is not None:
+      _log_epoch(*pending, time.perf_counter() - pending_start, log)
+    pending, pending_start = (epoch, stats, num_examples), start
+  if pending is not None:
+    jax.block_until_ready(aul_state)
+    _log_epoch(*pending, time.perf_counter() - pending_start, log)
+  return state, aul_state
