@@ -1,0 +1,43 @@
+"""Run outputs: exact CSV round trip, JSON without NaN, all-or-nothing writes."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from aul_jax import outputs
+
+
+def test_scores_csv_round_trips_floats_exactly(tmp_path):
+  aul = np.random.default_rng(0).random(5) * 100
+  columns = {'index': np.arange(5), 'aul': aul, 'flagged': aul > 50}
+  outputs.write_run_outputs(str(tmp_path), columns, {'n_train': 5})
+  with open(tmp_path / 'scores.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [float(r['aul']) for r in rows] == aul.tolist()
+  assert [r['flagged'] for r in rows] == ['true' if a > 50 else 'false' for a in aul]
+  assert [int(r['index']) for r in rows] == list(range(5))
+
+
+def test_summary_json_writes_nan_as_null(tmp_path):
+  outputs.write_run_outputs(str(tmp_path), {'index': np.arange(2)},
+                            {'auroc': float('nan'), 'x': np.float32(1.5)})
+  with open(tmp_path / 'summary.json') as f:
+    assert json.load(f) == {'auroc': None, 'x': 1.5}
+
+
+def test_history_is_written_examples_by_epochs(tmp_path):
+  history_TxN = np.arange(6, dtype=np.float32).reshape(2, 3)
+  outputs.write_run_outputs(str(tmp_path), {'index': np.arange(3)}, {}, history_TxN)
+  np.testing.assert_array_equal(np.load(tmp_path / 'aul_history.npy'), history_TxN.T)
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+  class Unwritable:
+    pass
+
+  with pytest.raises(TypeError):
+    outputs.write_run_outputs(str(tmp_path), {'index': np.arange(2)}, {'bad': Unwritable()})
+  assert os.listdir(tmp_path) == []
