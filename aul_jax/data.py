@@ -1,0 +1,340 @@
+"""Image classification data sets as in-memory numpy arrays: digits, a user's .npz, or TFDS.
+
+Example i of the training split has index i; per-example statistics (AUL, noise masks)
+are keyed by that index, so every loader keeps a stable order.
+"""
+
+import dataclasses
+import difflib
+import zipfile
+
+import ml_collections
+import numpy as np
+from sklearn import datasets as sk_datasets
+from sklearn import model_selection
+
+from aul_jax.errors import UserInputError
+
+BUILTIN_NAMES = ('digits', 'npz')
+
+# TFDS name -> (train split, test split). CIFAR uses the paper's 45k/5k split of the
+# official training set; 'train[45000:]' is its held-out validation set and is never loaded.
+TFDS_SPLITS = {
+  'cifar10': ('train[:45000]', 'test'),
+  'cifar100': ('train[:45000]', 'test'),
+}
+DEFAULT_TFDS_SPLITS = ('train', 'test')
+
+_NPZ_REQUIRED = ('x_train', 'y_train')
+
+_STD_FLOOR = 1e-6  # Raw pixel units; keeps constant channels from dividing by zero.
+_STATS_CHUNK = 1 << 20  # Pixels per chunk when computing float64 statistics.
+_MAX_LABEL = np.iinfo(np.int32).max  # Labels are stored as int32.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """Normalised train/test images and integer labels, plus what is needed to undo it."""
+
+  name: str
+  x_train: np.ndarray  # (N, H, W, C) float32, normalised with the training mean/std.
+  y_train: np.ndarray  # (N,) int32 labels as given by the source, before injected noise.
+  x_test: np.ndarray  # (M, H, W, C) float32; M is 0 when the source has no test split.
+  y_test: np.ndarray  # (M,) int32
+  num_classes: int
+  augment: bool  # True for 32x32 colour images: random crop and flip happen on device.
+  mean: np.ndarray  # (C,) float32 per-channel mean in raw pixel units.
+  std: np.ndarray  # (C,) float32 per-channel std in raw pixel units.
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Returns the `data` sub-config with its defaults: scikit-learn's digits."""
+  return ml_collections.ConfigDict(
+    {'name': 'digits', 'path': '', 'data_dir': '', 'test_fraction': 0.2, 'split_seed': 0}
+  )
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
+  """Loads the data set named by `config.name` ('digits', 'npz' or a TFDS name)."""
+  name = _field(config, 'name')
+  if not isinstance(name, str) or not name:
+    raise UserInputError(f'data.name {name!r} is invalid; expected a non-empty string')
+  if name == 'digits':
+    arrays = _load_digits(_field(config, 'test_fraction'), _field(config, 'split_seed'))
+  elif name == 'npz':
+    arrays = _load_npz(_field(config, 'path'))
+  else:
+    arrays = _load_tfds(name, _field(config, 'data_dir'))
+  return _make_dataset(name, *arrays)
+
+
+def _field(config: ml_collections.ConfigDict, key: str):
+  """Returns config[key], falling back to `default_data_config()` for absent fields."""
+  return config.get(key, default_data_config()[key])
+
+
+# Each loader returns raw (x_train, y_train, x_test, y_test, num_classes) with images
+# shaped (N, H, W, C), any real dtype, and labels int32.
+_RawArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
+
+
+def _load_digits(test_fraction: float, split_seed: int) -> _RawArrays:
+  """Loads scikit-learn's 8x8 digits with a seeded, stratified train/test split."""
+  if isinstance(test_fraction, bool) or not isinstance(test_fraction, int | float):
+    raise UserInputError(f'data.test_fraction {test_fraction!r} is invalid; expected a float')
+  if not 0 < test_fraction < 1:
+    raise UserInputError(f'data.test_fraction {test_fraction} is invalid; expected 0 < f < 1')
+  if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+    raise UserInputError(f'data.split_seed {split_seed!r} is invalid; expected an integer >= 0')
+  digits = sk_datasets.load_digits()
+  x_NHWC = digits.images[..., None]
+  y_N = digits.target.astype(np.int32)
+  try:
+    train_idx, test_idx = model_selection.train_test_split(
+      np.arange(y_N.size), test_size=test_fraction, random_state=split_seed, stratify=y_N
+    )
+  except ValueError as e:  # e.g. a test split smaller than the number of classes.
+    raise UserInputError(f'data.test_fraction {test_fraction} is unusable for digits: {e}') from e
+  train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+  num_classes = int(y_N.max()) + 1
+  return x_NHWC[train_idx], y_N[train_idx], x_NHWC[test_idx], y_N[test_idx], num_classes
+
+
+def _load_npz(path: str) -> _RawArrays:
+  """Loads and validates a Keras-layout .npz: x_train, y_train and optional x_test, y_test."""
+  if not path:
+    raise UserInputError("data.path is required for data.name='npz'")
+  arrays = _read_npz(path)
+  x_train = _check_images(path, 'x_train', arrays['x_train'])
+  y_train = _check_labels(path, 'y_train', arrays['y_train'], 'x_train', len(x_train))
+  if 'x_test' in arrays:
+    x_test = _check_images(path, 'x_test', arrays['x_test'])
+    y_test = _check_labels(path, 'y_test', arrays['y_test'], 'x_test', len(x_test))
+    if x_test.shape[1:] != x_train.shape[1:]:
+      raise UserInputError(
+        f"data file {path}: key 'x_test' has images of shape {x_test.shape[1:]} but 'x_train' "
+        f'has {x_train.shape[1:]}; expected the same (H, W, C)'
+      )
+  else:
+    x_test = np.zeros((0, *x_train.shape[1:]), x_train.dtype)
+    y_test = np.zeros((0,), np.int32)
+  num_classes = int(max(y_train.max(), y_test.max(initial=0))) + 1
+  if num_classes < 2:
+    keys = "keys 'y_train' and 'y_test' hold" if len(y_test) else "key 'y_train' holds"
+    raise UserInputError(f'data file {path}: {keys} only class 0; expected at least 2 classes')
+  return x_train, y_train, x_test, y_test, num_classes
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """Reads the x_/y_ train/test arrays of an .npz, checking keys come in pairs."""
+  try:
+    npz = np.load(path, allow_pickle=False)
+  except FileNotFoundError as e:
+    raise UserInputError(f'data file {path}: no such file (set data.path)') from e
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise UserInputError(f'data file {path}: not a valid .npz archive ({e})') from e
+  if not isinstance(npz, np.lib.npyio.NpzFile):
+    raise UserInputError(
+      f'data file {path}: holds a single array, not an .npz archive; expected keys '
+      "'x_train', 'y_train' and optionally 'x_test', 'y_test' (write it with np.savez)"
+    )
+  with npz:
+    present = sorted(npz.files)
+    for key in _NPZ_REQUIRED:
+      if key not in present:
+        raise UserInputError(f'data file {path}: key {key!r} is missing; keys present: {present}')
+    if ('x_test' in present) != ('y_test' in present):
+      given, missing = ('x_test', 'y_test') if 'x_test' in present else ('y_test', 'x_test')
+      raise UserInputError(
+        f'data file {path}: key {given!r} is present but {missing!r} is missing; '
+        'expected both or neither'
+      )
+    keys = [k for k in ('x_train', 'y_train', 'x_test', 'y_test') if k in present]
+    return {key: _read_npz_key(npz, path, key) for key in keys}
+
+
+def _read_npz_key(npz: np.lib.npyio.NpzFile, path: str, key: str) -> np.ndarray:
+  """Reads one array, turning numpy's pickle and zip errors into a UserInputError."""
+  try:
+    return npz[key]
+  except ValueError as e:  # Object arrays need pickle, which we never allow.
+    raise UserInputError(
+      f'data file {path}: key {key!r} holds an object (pickled) array; expected a numeric array'
+    ) from e
+  except (OSError, EOFError, zipfile.BadZipFile) as e:
+    raise UserInputError(f'data file {path}: key {key!r} could not be read ({e})') from e
+
+
+def _check_images(path: str, key: str, x: np.ndarray) -> np.ndarray:
+  """Returns finite, non-empty images as (N, H, W, C); raises UserInputError otherwise."""
+  where = f'data file {path}: key {key!r}'
+  if x.dtype.kind not in 'uif':
+    raise UserInputError(f'{where} has dtype {x.dtype}; expected uint8, integer or float images')
+  if x.ndim not in (3, 4):
+    raise UserInputError(f'{where} has shape {x.shape}; expected (N, H, W) or (N, H, W, C)')
+  if x.shape[0] == 0:
+    raise UserInputError(f'{where} has 0 images; expected at least one')
+  if x.size == 0:
+    raise UserInputError(f'{where} has empty images of shape {x.shape[1:]}; expected H, W, C > 0')
+  if x.dtype.kind == 'f':
+    bad = np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))
+    if bad.size:
+      raise UserInputError(f'{where} has NaN or inf pixels in image {bad[0]}; expected finite')
+  return x if x.ndim == 4 else x[..., None]
+
+
+def _check_labels(path: str, key: str, y: np.ndarray, x_key: str, num_images: int) -> np.ndarray:
+  """Returns integer labels as int32 (N,); Keras's (N, 1) layout is flattened."""
+  where = f'data file {path}: key {key!r}'
+  if y.dtype.kind not in 'iu':
+    raise UserInputError(f'{where} has dtype {y.dtype}; expected integer class labels 0..K-1')
+  if y.ndim == 2 and y.shape[1] == 1:
+    y = y[:, 0]
+  if y.ndim != 1:
+    raise UserInputError(f'{where} has shape {y.shape}; expected 1-D labels (N,) or (N, 1)')
+  if len(y) != num_images:
+    raise UserInputError(f'{where} has {len(y)} entries but {x_key!r} has {num_images} images')
+  negative = np.flatnonzero(y < 0)
+  if negative.size:
+    i = negative[0]
+    raise UserInputError(f'{where} has negative label {y[i]} at index {i}; expected 0..K-1')
+  too_big = np.flatnonzero(y > _MAX_LABEL)
+  if too_big.size:
+    i = too_big[0]
+    raise UserInputError(
+      f'{where} has label {y[i]} at index {i}, out of range; expected 0..K-1 with K <= {_MAX_LABEL}'
+    )
+  return y.astype(np.int32)
+
+
+def _load_tfds(name: str, data_dir: str) -> _RawArrays:
+  """Loads a prepared TFDS data set (never downloads); CIFAR keeps the paper's 45k split."""
+  import tensorflow_datasets as tfds  # Deferred: digits and npz users skip its import.
+
+  train_split, test_split = TFDS_SPLITS.get(_tfds_base_name(name), DEFAULT_TFDS_SPLITS)
+  train = _tfds_source(tfds, name, train_split, data_dir)
+  test = _tfds_source(tfds, name, test_split, data_dir)
+  x_train, y_train = _read_source(name, train_split, train)
+  x_test, y_test = _read_source(name, test_split, test)
+  if x_test.shape[1:] != x_train.shape[1:]:
+    raise UserInputError(
+      f'TFDS data set {name!r}: test images have shape {x_test.shape[1:]} but training images '
+      f'have {x_train.shape[1:]}; expected the same'
+    )
+  num_classes = _tfds_num_classes(train, max(y_train.max(), y_test.max(initial=0)) + 1)
+  return x_train, y_train, x_test, y_test, num_classes
+
+
+def _tfds_base_name(name: str) -> str:
+  """Strips a TFDS config and version: 'cifar10/foo:3.0.2' -> 'cifar10'."""
+  return name.split(':')[0].split('/')[0]
+
+
+def _tfds_source(tfds, name: str, split: str, data_dir: str):
+  """Opens one split as a random-access source, explaining how to fix each failure."""
+  where = data_dir or 'the default TFDS data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)'
+  build = f'tfds build {_tfds_base_name(name)} --file_format=array_record --data_dir DIR'
+  try:
+    return tfds.data_source(
+      name,
+      split=split,
+      data_dir=data_dir or None,
+      download=False,  # Never reach the network from here; preparing is a separate step.
+      builder_kwargs={'file_format': 'array_record'},
+    )
+  except tfds.core.DatasetNotFoundError as e:
+    close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False))
+    hint = f'; did you mean {", ".join(map(repr, close))}?' if close else ''
+    raise UserInputError(
+      f'data.name {name!r} is neither a built-in data set ({", ".join(map(repr, BUILTIN_NAMES))})'
+      f' nor a TFDS data set (https://www.tensorflow.org/datasets/catalog){hint}'
+    ) from e
+  except KeyError as e:  # tfds: "`splits` is empty ... has not been generated yet".
+    raise UserInputError(
+      f'TFDS data set {name!r} is not prepared in {where}; on a machine with internet run '
+      f'`{build}`, copy DIR here and set data.data_dir=DIR (tfds said: {e})'
+    ) from e
+  except NotImplementedError as e:  # Prepared as TFRecord, which has no random access.
+    raise UserInputError(
+      f'TFDS data set {name!r} in {where} is not in array_record format; rebuild it with '
+      f'`{build}` ({e})'
+    ) from e
+  except ValueError as e:  # e.g. an unknown split such as 'test'.
+    raise UserInputError(f'TFDS data set {name!r}: cannot open split {split!r}: {e}') from e
+
+
+def _read_source(name: str, split: str, source) -> tuple[np.ndarray, np.ndarray]:
+  """Reads every (image, label) of a TFDS source into (N, H, W, C) images and int32 labels."""
+  if len(source) == 0:
+    raise UserInputError(f'TFDS data set {name!r}: split {split!r} has 0 examples')
+  # Item by item: tfds' mocked sources (tests) do not support batched __getitems__.
+  examples = [source[i] for i in range(len(source))]
+  missing = {'image', 'label'} - set(examples[0])
+  if missing:
+    raise UserInputError(
+      f'TFDS data set {name!r}: examples lack {sorted(missing)}; features present: '
+      f'{sorted(examples[0])}; expected image classification with image and label'
+    )
+  try:
+    x_NHWC = np.stack([ex['image'] for ex in examples])
+  except ValueError as e:
+    raise UserInputError(
+      f'TFDS data set {name!r}: split {split!r} has images of different shapes; expected one'
+    ) from e
+  if x_NHWC.ndim == 3:
+    x_NHWC = x_NHWC[..., None]
+  y_N = np.asarray([ex['label'] for ex in examples]).astype(np.int32)
+  return x_NHWC, y_N
+
+
+def _tfds_num_classes(source, labels_max_plus_one: int) -> int:
+  """Returns the label feature's class count, or max label + 1 when tfds does not know it."""
+  try:
+    num_classes = source.dataset_info.features['label'].num_classes
+  except (AttributeError, KeyError, TypeError):
+    num_classes = None
+  return int(num_classes) if num_classes else int(labels_max_plus_one)
+
+
+def _make_dataset(
+  name: str,
+  x_train: np.ndarray,
+  y_train: np.ndarray,
+  x_test: np.ndarray,
+  y_test: np.ndarray,
+  num_classes: int,
+) -> Dataset:
+  """Normalises images per channel with training statistics and packs a Dataset."""
+  mean_C, std_C = _channel_stats(x_train)
+  return Dataset(
+    name=name,
+    x_train=_normalise(x_train, mean_C, std_C),
+    y_train=y_train.astype(np.int32),
+    x_test=_normalise(x_test, mean_C, std_C),
+    y_test=y_test.astype(np.int32),
+    num_classes=int(num_classes),
+    augment=x_train.shape[1:] == (32, 32, 3),
+    mean=mean_C.astype(np.float32),
+    std=std_C.astype(np.float32),
+  )
+
+
+def _channel_stats(x_NHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Returns float64 per-channel mean and floored std in one chunked pass over the pixels."""
+  pixels_PxC = x_NHWC.reshape(-1, x_NHWC.shape[-1])
+  # Sums are taken around a first-chunk estimate of the mean, so var = E[d^2] - E[d]^2
+  # does not cancel catastrophically; chunks bound the float64 copy.
+  shift_C = pixels_PxC[:_STATS_CHUNK].mean(axis=0, dtype=np.float64)
+  sum_C, sq_sum_C = np.zeros_like(shift_C), np.zeros_like(shift_C)
+  for start in range(0, len(pixels_PxC), _STATS_CHUNK):
+    dev_PxC = pixels_PxC[start : start + _STATS_CHUNK].astype(np.float64) - shift_C
+    sum_C += np.einsum('pc->c', dev_PxC)
+    sq_sum_C += np.einsum('pc,pc->c', dev_PxC, dev_PxC)
+  mean_dev_C = sum_C / len(pixels_PxC)
+  var_C = np.maximum(sq_sum_C / len(pixels_PxC) - mean_dev_C**2, 0.0)
+  return shift_C + mean_dev_C, np.maximum(np.sqrt(var_C), _STD_FLOOR)
+
+
+def _normalise(x_NHWC: np.ndarray, mean_C: np.ndarray, std_C: np.ndarray) -> np.ndarray:
+  """Returns (x - mean) / std as float32."""
+  return (x_NHWC.astype(np.float32) - mean_C.astype(np.float32)) / std_C.astype(np.float32)
