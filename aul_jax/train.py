@@ -176,8 +176,9 @@ def make_train_epoch(
       step, index_B, mask_B = step_inputs
       keys_B = jax.random.split(jax.random.fold_in(augment_key, step), batch_size)
       index_b, mask_b = _device_slice(index_B, local_batch), _device_slice(mask_B, local_batch)
-      batch = _gather_batch(data, index_b, mask_b, _device_slice(keys_B, local_batch),
-                            augment_images)
+      batch = _gather_batch(
+        data, index_b, mask_b, _device_slice(keys_B, local_batch), augment_images
+      )
       state, metrics = step_fn(state, batch)
       loss_B = jax.lax.all_gather(metrics['loss'], DATA_AXIS, tiled=True, to='invarying')
       correct_B = jax.lax.all_gather(metrics['correct'], DATA_AXIS, tiled=True, to='invarying')
@@ -235,9 +236,7 @@ def make_evaluate(
     correct, _ = jax.lax.scan(body, jnp.zeros((), jnp.int32), positions)
     return correct
 
-  return jax.jit(
-    jax.shard_map(per_device_eval, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P())
-  )
+  return jax.jit(jax.shard_map(per_device_eval, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P()))
 
 
 def to_host(tree: Any) -> Any:
@@ -253,12 +252,12 @@ def _log_epoch(epoch: int, stats: dict, num_examples: int, seconds: float, log: 
   stats = to_host(stats)
   if stats['first_nonfinite_step'] >= 0:
     raise DivergedError(
-      f"non-finite training loss at epoch {epoch + 1}, step {int(stats['first_nonfinite_step'])}"
+      f'non-finite training loss at epoch {epoch + 1}, step {int(stats["first_nonfinite_step"])}'
       ' (0-based within the epoch); lower the learning rate or check the inputs'
     )
   log(
-    f"epoch {epoch + 1}: loss {stats['loss_sum'] / num_examples:.4f}, "
-    f"train accuracy {stats['correct'] / num_examples:.4f}, "
+    f'epoch {epoch + 1}: loss {stats["loss_sum"] / num_examples:.4f}, '
+    f'train accuracy {stats["correct"] / num_examples:.4f}, '
     f'{num_examples / max(seconds, 1e-9):.0f} images/s'
   )
 

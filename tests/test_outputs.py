@@ -22,8 +22,9 @@ def test_scores_csv_round_trips_floats_exactly(tmp_path):
 
 
 def test_summary_json_writes_nan_as_null(tmp_path):
-  outputs.write_run_outputs(str(tmp_path), {'index': np.arange(2)},
-                            {'auroc': float('nan'), 'x': np.float32(1.5)})
+  outputs.write_run_outputs(
+    str(tmp_path), {'index': np.arange(2)}, {'auroc': float('nan'), 'x': np.float32(1.5)}
+  )
   with open(tmp_path / 'summary.json') as f:
     assert json.load(f) == {'auroc': None, 'x': 1.5}
 

@@ -44,12 +44,22 @@ def _run(num_devices, model, data, *, epochs=2, learning_rate=0.1, augment_image
   state = train_lib.replicate(state, mesh)
   aul_state = train_lib.replicate(aul.init_aul_state(NUM_EXAMPLES, epochs, 'float32'), mesh)
   run_epoch = train_lib.make_train_epoch(
-    model, optimizer, mesh, num_examples=NUM_EXAMPLES, batch_size=BATCH,
+    model,
+    optimizer,
+    mesh,
+    num_examples=NUM_EXAMPLES,
+    batch_size=BATCH,
     augment_images=augment_images,
   )
   return train_lib.train_epochs(
-    run_epoch, state, aul_state, train_lib.replicate(data, mesh), jax.random.key(1),
-    num_epochs=epochs, num_examples=NUM_EXAMPLES, log=lambda _: None,
+    run_epoch,
+    state,
+    aul_state,
+    train_lib.replicate(data, mesh),
+    jax.random.key(1),
+    num_epochs=epochs,
+    num_examples=NUM_EXAMPLES,
+    log=lambda _: None,
   )
 
 
@@ -59,7 +69,7 @@ def test_epoch_order_visits_every_example_once_and_masks_padding():
   real = np.asarray(index)[np.asarray(mask)]
   np.testing.assert_array_equal(np.sort(real), np.arange(NUM_EXAMPLES))
   assert int(mask.sum()) == NUM_EXAMPLES
-  assert not np.asarray(mask)[-1, NUM_EXAMPLES - 3 * BATCH:].any()
+  assert not np.asarray(mask)[-1, NUM_EXAMPLES - 3 * BATCH :].any()
 
 
 def test_every_example_counted_exactly_once_including_last_partial_batch():
@@ -143,7 +153,7 @@ def test_augmentation_is_a_shifted_crop_or_its_mirror():
   out = np.asarray(augment.augment_batch(jnp.repeat(image, 16, 0), keys))
   padded = np.pad(np.asarray(image[0]), ((4, 4), (4, 4), (0, 0)))
   for crop in out:
-    candidates = [padded[t:t + 32, s:s + 32] for t in range(9) for s in range(9)]
+    candidates = [padded[t : t + 32, s : s + 32] for t in range(9) for s in range(9)]
     assert any(np.array_equal(crop, c) or np.array_equal(crop, c[:, ::-1]) for c in candidates)
   assert len({o.tobytes() for o in out}) > 8  # Different keys, different crops.
   np.testing.assert_array_equal(out, augment.augment_batch(jnp.repeat(image, 16, 0), keys))

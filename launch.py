@@ -1,0 +1,37 @@
+"""Runs the AUL pipeline: `python launch.py --config configs/digits.py --workdir DIR`.
+
+Any config field can be overridden, e.g. `--config.noise.rate=0.2 --config.model.name=lenet`.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from aul_jax import pipeline, train
+from aul_jax.errors import UserInputError
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Path to a config file.', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for scores.csv and summary.json.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    pipeline.run(_CONFIG.value, _WORKDIR.value, log=logging.info)
+  except UserInputError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  except train.DivergedError as e:
+    print(f'error: training diverged: {e}', file=sys.stderr)
+    return 3
+  return 0
+
+
+if __name__ == '__main__':
+  logging.set_verbosity(logging.INFO)
+  app.run(main)
