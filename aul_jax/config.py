@@ -4,10 +4,9 @@ import os
 
 import ml_collections
 
-from aul_jax import data, models, noise
+from aul_jax import data, models, noise, retrain
 from aul_jax.errors import UserInputError
 
-METHODS = ('aul',)
 HISTORY_DTYPES = ('float32', 'bfloat16', 'float16')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
@@ -16,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a run reads, with the paper's CIFAR recipe as defaults (Sections 3 and 5)."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # Initialisation, shuffling and augmentation; the noise has its own seed.
-  config.method = 'aul'
+  config.method = 'aul'  # Or a baseline: standard, oracle, random, reed_hard, coteaching.
   config.data = data.default_data_config()
   config.noise = ml_collections.ConfigDict({'kind': 'uniform', 'rate': 0.4, 'seed': 0})
   config.model = ml_collections.ConfigDict({'name': 'resnet32', 'dtype': 'float32'})
@@ -28,12 +27,28 @@ def base_config() -> ml_collections.ConfigDict:
       'learning_rate': 0.1,
       'momentum': 0.9,
       'weight_decay': 1e-4,
+      'lr_drop_fractions': (),
+      'lr_drop_factor': 0.1,
       'record_history': False,  # Keep each epoch's per-example loss: (N, T) on the device.
       'history_dtype': 'float32',
     }
   )
   config.gmm = ml_collections.ConfigDict({'max_iter': 1000, 'tol': 1e-7, 'n_init': 1})
-  config.retrain = ml_collections.ConfigDict({'epochs': 0})  # 0 = detection only.
+  # Retraining from scratch (Section 5): 300 epochs, LR 0.1 dropped 10x at 150 and 225.
+  config.retrain = ml_collections.ConfigDict(
+    {
+      'epochs': 0,  # 0 = detection only.
+      'batch_size': 64,
+      'learning_rate': 0.1,
+      'momentum': 0.9,
+      'weight_decay': 1e-4,
+      'lr_drop_fractions': (0.5, 0.75),  # Of retrain.epochs: 150 and 225 of 300.
+      'lr_drop_factor': 0.1,
+      'reed_beta': 0.8,  # reed_hard: weight of the given label in the bootstrapped target.
+      'coteaching_forget_rate': -1.0,  # < 0: the injected noise rate, as Han et al. assume.
+      'coteaching_gradual_fraction': 0.05,  # The forget rate ramps up over 10 of 200 epochs.
+    }
+  )
   config.eval_batch_size = 500
   config.num_devices = 0  # Local devices on the data axis; 0 = all of them.
   return config
@@ -50,9 +65,8 @@ def _is_int(value) -> bool:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises UserInputError naming the first bad field and value of `config`."""
-  _require(
-    config.method in METHODS, f"unknown method '{config.method}'; known: {', '.join(METHODS)}"
-  )
+  known = ', '.join(retrain.METHODS)
+  _require(config.method in retrain.METHODS, f"unknown method '{config.method}'; known: {known}")
   rate = config.noise.rate
   _require(
     isinstance(rate, (int, float)) and 0 <= rate < 1,
@@ -65,34 +79,59 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     config.model.dtype in COMPUTE_DTYPES,
     f'model.dtype={config.model.dtype!r}; expected one of {COMPUTE_DTYPES}',
   )
-  for field in ('epochs', 'batch_size'):
-    value = config.aul[field]
-    _require(_is_int(value) and value > 0, f'aul.{field}={value!r}; expected a positive integer')
-  _require(
-    config.aul.batch_size % num_devices == 0,
-    f'aul.batch_size={config.aul.batch_size} is not divisible by the {num_devices} '
-    'devices on the data axis',
-  )
+  _validate_recipe(config.aul, 'aul', num_devices, min_epochs=1)
+  _validate_recipe(config.retrain, 'retrain', num_devices, min_epochs=0)
   _require(
     config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0,
     f'eval_batch_size={config.eval_batch_size}; expected a positive multiple of the '
     f'{num_devices} devices',
   )
   _require(
-    config.aul.learning_rate > 0, f'aul.learning_rate={config.aul.learning_rate!r}; expected > 0'
-  )
-  _require(
     config.aul.history_dtype in HISTORY_DTYPES,
     f'aul.history_dtype={config.aul.history_dtype!r}; expected one of {HISTORY_DTYPES}',
   )
   _require(
-    _is_int(config.retrain.epochs) and config.retrain.epochs >= 0,
-    f'retrain.epochs={config.retrain.epochs!r}; expected an integer >= 0',
+    config.method == 'aul' or config.retrain.epochs > 0,
+    f"method '{config.method}' trains a network from scratch: set retrain.epochs > 0",
   )
   _require(
-    config.retrain.epochs == 0,
-    'retrain.epochs > 0: weighted retraining is not implemented yet (issue 4); '
-    'use retrain.epochs=0 for detection only',
+    0 < config.retrain.reed_beta <= 1,
+    f'retrain.reed_beta={config.retrain.reed_beta!r}; expected a number in (0, 1]',
+  )
+  _require(
+    config.retrain.coteaching_forget_rate < 1,
+    f'retrain.coteaching_forget_rate={config.retrain.coteaching_forget_rate!r}; expected < 1',
+  )
+
+
+def _validate_recipe(recipe, name: str, num_devices: int, min_epochs: int) -> None:
+  """Checks one training recipe, `config.aul` or `config.retrain`."""
+  _require(
+    _is_int(recipe.epochs) and recipe.epochs >= min_epochs,
+    f'{name}.epochs={recipe.epochs!r}; expected an integer >= {min_epochs}',
+  )
+  _require(
+    _is_int(recipe.batch_size) and recipe.batch_size > 0,
+    f'{name}.batch_size={recipe.batch_size!r}; expected a positive integer',
+  )
+  _require(
+    recipe.batch_size % num_devices == 0,
+    f'{name}.batch_size={recipe.batch_size} is not divisible by the {num_devices} '
+    'devices on the data axis',
+  )
+  _require(recipe.learning_rate > 0, f'{name}.learning_rate={recipe.learning_rate!r}; expected > 0')
+  fractions = tuple(recipe.lr_drop_fractions)
+  _require(
+    all(0 < f < 1 for f in fractions),
+    f'{name}.lr_drop_fractions={fractions!r}; expected fractions in (0, 1)',
+  )
+
+
+def validate_for_data(config: ml_collections.ConfigDict, truth_known: bool) -> None:
+  """Checks that need the data: the oracle must know which labels are wrong."""
+  _require(
+    truth_known or config.method != 'oracle',
+    "method 'oracle' needs injected noise (noise.kind != 'none') to know the clean examples",
   )
 
 

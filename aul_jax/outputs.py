@@ -61,6 +61,12 @@ def _npy_bytes(array: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def _temporary_file(directory: str) -> Iterator[str]:
   fd, path = tempfile.mkstemp(dir=directory, prefix='.tmp-')
@@ -82,6 +88,7 @@ def write_files(workdir: str, contents: Mapping[str, str | bytes]) -> None:
       mode = 'wb' if isinstance(content, bytes) else 'w'
       with open(path, mode) as f:
         f.write(content)
+      os.chmod(path, 0o666 & ~_umask())  # mkstemp creates 0600; outputs are ordinary files.
       staged[name] = path
     for name, path in staged.items():
       os.replace(path, os.path.join(workdir, name))
@@ -92,11 +99,13 @@ def write_run_outputs(
   scores: Mapping[str, np.ndarray],
   summary: Mapping,
   history_TxN: np.ndarray | None = None,
+  figures: Mapping[str, bytes] | None = None,
 ) -> None:
-  """The files of one run: scores.csv, summary.json and, if recorded, aul_history.npy (N, T)."""
+  """The files of one run: scores.csv, summary.json, aul_history.npy (N, T) if recorded, PNGs."""
   contents: dict[str, str | bytes] = {
     'scores.csv': scores_csv(scores),
     'summary.json': summary_json(summary),
+    **(figures or {}),
   }
   if history_TxN is not None:
     contents['aul_history.npy'] = _npy_bytes(np.asarray(history_TxN, np.float32).T)

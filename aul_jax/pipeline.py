@@ -1,14 +1,14 @@
-"""The AUL pipeline: noisy labels -> AUL training run -> Gaussian mixture -> outputs.
+"""The AUL pipeline: noisy labels -> AUL training run -> Gaussian mixture -> retraining.
 
-Steps 1 and 2 of the method (paper Sections 3 and 4.1), split into named functions that
-each do one thing; `run` strings them together and is what `launch.py` calls.
+Steps 1-3 of the method (paper Sections 3, 4.1 and 4.2) and the paper's baselines, split
+into named functions that each do one thing; `run` strings them together for `launch.py`.
 """
 
 import dataclasses
 import importlib.metadata
-import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +16,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from aul_jax import aul, data, gmm, metrics, models, noise, outputs, train
+from aul_jax import aul, data, figures, gmm, metrics, models, noise, outputs, retrain, train
 from aul_jax import config as config_lib
 
 _VERSIONED_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'scikit-learn')
+Log = Callable[[str], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +32,19 @@ class NoisyLabels:
 
 
 @dataclasses.dataclass(frozen=True)
-class AULRun:
-  aul_N: jax.Array  # On the device.
+class TrainedNetwork:
+  model: Any
+  state: Any  # A TrainState, or a pair of them for co-teaching.
+  aul_state: aul.AULState  # On the device.
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+  aul_N: jax.Array  # On the device, like everything here until the outputs are written.
   history_TxN: jax.Array | None
-  test_error: float | None
+  mixture: gmm.GaussianMixture  # Components ascending by mean: the last is 'mislabeled'.
+  p_mislabeled_N: jax.Array
+  test_error: float | None  # Of the network trained for the AUL.
 
 
 def inject_noise(dataset: data.Dataset, noise_config: ml_collections.ConfigDict) -> NoisyLabels:
@@ -45,14 +55,20 @@ def inject_noise(dataset: data.Dataset, noise_config: ml_collections.ConfigDict)
   return NoisyLabels(labels, dataset.y_train, is_mislabeled, noise_config.kind != 'none')
 
 
-def train_for_aul(
+def train_network(
   config: ml_collections.ConfigDict,
+  recipe: ml_collections.ConfigDict,
   dataset: data.Dataset,
   labels_N: np.ndarray,
+  weights_N: np.ndarray,
   mesh: jax.sharding.Mesh,
-  log: Callable[[str], None] = logging.info,
-) -> AULRun:
-  """Trains a fresh network on the noisy labels, accumulating every example's AUL on the device."""
+  key: jax.Array,
+  log: Log,
+  *,
+  method: str = 'standard',
+  history_dtype: str | None = None,
+) -> TrainedNetwork:
+  """Trains a fresh network with `recipe` (config.aul or config.retrain) and `method`."""
   num_examples = len(labels_N)
   model = models.get_model(
     config.model.name,
@@ -61,59 +77,59 @@ def train_for_aul(
     dtype=jnp.dtype(config.model.dtype),
   )
   optimizer = train.make_optimizer(
-    learning_rate=config.aul.learning_rate,
-    momentum=config.aul.momentum,
-    weight_decay=config.aul.weight_decay,
-    steps_per_epoch=math.ceil(num_examples / config.aul.batch_size),
+    learning_rate=recipe.learning_rate,
+    momentum=recipe.momentum,
+    weight_decay=recipe.weight_decay,
+    steps_per_epoch=retrain.steps_per_epoch(num_examples, recipe.batch_size),
+    lr_drop_epochs=retrain.lr_drop_epochs(recipe.epochs, recipe.lr_drop_fractions),
+    lr_drop_factor=recipe.lr_drop_factor,
   )
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  state = train.replicate(
-    train.create_train_state(model, optimizer, dataset.x_train.shape[1:], init_key), mesh
-  )
-  history_dtype = config.aul.history_dtype if config.aul.record_history else None
-  aul_state = train.replicate(
-    aul.init_aul_state(num_examples, config.aul.epochs, history_dtype), mesh
-  )
-  train_data = train.replicate(
-    {
-      'image': dataset.x_train,
-      'label': labels_N.astype(np.int32),
-      'weight': np.ones(num_examples, np.float32),
-    },
-    mesh,
-  )
-  run_epoch = train.make_train_epoch(
+  init_key, train_key = jax.random.split(key)
+  step, state = retrain.step_and_state(
+    method,
     model,
     optimizer,
+    lambda k: train.create_train_state(model, optimizer, dataset.x_train.shape[1:], k),
+    init_key,
+    config.retrain,
+    config.noise.rate,
+  )
+  run_epoch = train.make_train_epoch(
+    step,
     mesh,
     num_examples=num_examples,
-    batch_size=config.aul.batch_size,
+    batch_size=recipe.batch_size,
     augment_images=dataset.augment,
+    draw_weights=retrain.draw_weights(method),
   )
+  train_data = {
+    'image': dataset.x_train,
+    'label': labels_N.astype(np.int32),
+    'weight': np.asarray(weights_N, np.float32),
+  }
   state, aul_state = train.train_epochs(
     run_epoch,
-    state,
-    aul_state,
-    train_data,
+    train.replicate(state, mesh),
+    train.replicate(aul.init_aul_state(num_examples, recipe.epochs, history_dtype), mesh),
+    train.replicate(train_data, mesh),
     train_key,
-    num_epochs=config.aul.epochs,
+    num_epochs=recipe.epochs,
     num_examples=num_examples,
     log=log,
   )
-  error = test_error(config, model, state, dataset, mesh)
-  return AULRun(aul_state.aul_N, aul_state.history_TxN, error)
+  return TrainedNetwork(model, retrain.evaluated_state(state), aul_state)
 
 
-def test_error(config, model, state, dataset: data.Dataset, mesh) -> float | None:
+def test_error(config, network: TrainedNetwork, dataset: data.Dataset, mesh) -> float | None:
   """Fraction of test examples misclassified; None when the data set has no test split."""
   num_test = len(dataset.y_test)
   if num_test == 0:
     return None
   evaluate = train.make_evaluate(
-    model, mesh, num_examples=num_test, batch_size=config.eval_batch_size
+    network.model, mesh, num_examples=num_test, batch_size=config.eval_batch_size
   )
   images, labels = train.replicate((dataset.x_test, dataset.y_test.astype(np.int32)), mesh)
-  return 1.0 - int(evaluate(state, images, labels)) / num_test
+  return 1.0 - int(evaluate(network.state, images, labels)) / num_test
 
 
 def fit_mixture(aul_N: jax.Array, gmm_config: ml_collections.ConfigDict):
@@ -130,27 +146,59 @@ def fit_mixture(aul_N: jax.Array, gmm_config: ml_collections.ConfigDict):
   return mixture, gmm.mislabel_probability(mixture, aul_N)
 
 
+def detect(config, dataset, labels_N, mesh, log: Log) -> Detection:
+  """Steps 1 and 2: the AUL of every example, and the mixture fitted to it."""
+  network = train_network(
+    config,
+    config.aul,
+    dataset,
+    labels_N,
+    np.ones(len(labels_N), np.float32),
+    mesh,
+    jax.random.key(config.seed),
+    log,
+    history_dtype=config.aul.history_dtype if config.aul.record_history else None,
+  )
+  mixture, p_N = fit_mixture(network.aul_state.aul_N, config.gmm)
+  return Detection(
+    network.aul_state.aul_N,
+    network.aul_state.history_TxN,
+    mixture,
+    p_N,
+    test_error(config, network, dataset, mesh),
+  )
+
+
+def retrain_network(config, dataset, noisy: NoisyLabels, detection, mesh, log: Log) -> float | None:
+  """Step 3 (or a baseline): a network trained from scratch; returns its test error."""
+  p_N = None if detection is None else train.to_host(detection.p_mislabeled_N)
+  weights_N = retrain.example_weights(config.method, p_N, noisy.is_mislabeled)
+  log(f'retraining from scratch with method {config.method!r}')
+  key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  network = train_network(
+    config, config.retrain, dataset, noisy.labels, weights_N, mesh, key, log, method=config.method
+  )
+  return test_error(config, network, dataset, mesh)
+
+
 def package_versions() -> dict[str, str]:
   return {name: importlib.metadata.version(name) for name in _VERSIONED_PACKAGES}
 
 
-def _scores_and_summary(config, dataset, noisy: NoisyLabels, run: AULRun, mixture, p_N):
-  """The columns of scores.csv and the contents of summary.json."""
-  aul_N, p_N = train.to_host((run.aul_N, p_N))
+def _detection_outputs(detection: Detection, noisy: NoisyLabels):
+  """scores.csv columns and summary.json fields of the detection stage."""
+  aul_N, p_N, mixture = train.to_host(
+    (detection.aul_N, detection.p_mislabeled_N, detection.mixture)
+  )
   flagged_N = p_N > 0.5
-  scores = {
-    'index': np.arange(len(aul_N)),
-    'label': noisy.labels,
+  columns = {
     'aul': aul_N.astype(np.float64),
     'p_mislabeled': p_N.astype(np.float64),
     'flagged': flagged_N,
   }
-  mixture = train.to_host(mixture)
   summary = {
     'noise_estimate': float(gmm.noise_fraction(mixture)),
-    'n_train': int(len(aul_N)),
     'n_flagged': int(flagged_N.sum()),
-    'num_classes': dataset.num_classes,
     'gmm': {
       'weights': mixture.weights.tolist(),
       'means': mixture.means.tolist(),
@@ -159,21 +207,51 @@ def _scores_and_summary(config, dataset, noisy: NoisyLabels, run: AULRun, mixtur
       'n_iter': int(mixture.n_iter),
       'converged': bool(mixture.converged),
     },
-    'method': config.method,
-    'aul_model_test_error': run.test_error,
+    'aul_model_test_error': detection.test_error,
   }
   if noisy.injected:
-    scores['true_label'] = noisy.true_labels
-    scores['is_mislabeled'] = noisy.is_mislabeled
     summary.update(metrics.detection_metrics(aul_N, flagged_N, noisy.is_mislabeled))
+  return columns, summary
+
+
+def _outputs(config, dataset, noisy: NoisyLabels, detection: Detection | None, final_error):
+  """The columns of scores.csv and the contents of summary.json."""
+  scores = {'index': np.arange(len(noisy.labels)), 'label': noisy.labels}
+  summary = {
+    'method': config.method,
+    'n_train': len(noisy.labels),
+    'num_classes': dataset.num_classes,
+    'test_error': final_error,
+  }
+  if detection is not None:
+    columns, detection_summary = _detection_outputs(detection, noisy)
+    scores.update(columns)
+    summary.update(detection_summary)
+  if noisy.injected:
+    scores.update({'true_label': noisy.true_labels, 'is_mislabeled': noisy.is_mislabeled})
+    summary['true_noise_rate'] = float(noisy.is_mislabeled.mean())
   return scores, summary
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = logging.info):
-  """Runs the whole AUL pipeline and writes scores.csv and summary.json into `workdir`.
+def _figures(dataset, noisy: NoisyLabels, aul_N, mixture, history_TxN) -> dict[str, bytes]:
+  """The paper's figures that apply to this run (Figs. 1, 2, 6 and 8), as PNG bytes."""
+  return figures.run_figures(
+    aul_N=aul_N,
+    mixture=mixture,
+    is_mislabeled_N=noisy.is_mislabeled if noisy.injected else None,
+    history_NxT=None if history_TxN is None else np.asarray(history_TxN, np.float32).T,
+    images_NxHxWxC=dataset.x_train,
+    labels_N=noisy.labels,
+    true_labels_N=noisy.true_labels if noisy.injected else None,
+  )
 
-  Bad configs and data raise UserInputError before training starts, and nothing is written
-  unless the run completes.
+
+def run(config: ml_collections.ConfigDict, workdir: str, log: Log = logging.info) -> dict:
+  """Runs the configured pipeline and writes scores.csv and summary.json into `workdir`.
+
+  Method 'aul' runs detection (steps 1-2) and, if retrain.epochs > 0, the weighted retraining
+  (step 3); the baselines skip detection and only retrain. Bad configs and data raise
+  UserInputError before training starts, and nothing is written unless the run completes.
   """
   start = time.time()
   num_devices = config.num_devices or jax.local_device_count()
@@ -181,14 +259,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
   config_lib.check_workdir(workdir)
   dataset = data.load_dataset(config.data)
   noisy = inject_noise(dataset, config.noise)
+  config_lib.validate_for_data(config, noisy.injected)
   mesh = train.make_mesh(jax.local_devices()[:num_devices])
   log(
     f'{dataset.name}: {len(noisy.labels)} training examples, {dataset.num_classes} classes, '
     f'{num_devices} device(s); noise {config.noise.kind} at {config.noise.rate}'
   )
-  aul_run = train_for_aul(config, dataset, noisy.labels, mesh, log)
-  mixture, p_N = fit_mixture(aul_run.aul_N, config.gmm)
-  scores, summary = _scores_and_summary(config, dataset, noisy, aul_run, mixture, p_N)
+  detection = detect(config, dataset, noisy.labels, mesh, log) if config.method == 'aul' else None
+  final_error = detection.test_error if detection is not None else None
+  if config.retrain.epochs > 0:
+    final_error = retrain_network(config, dataset, noisy, detection, mesh, log)
+  scores, summary = _outputs(config, dataset, noisy, detection, final_error)
   summary.update(
     {
       'config': config.to_dict(),
@@ -197,10 +278,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
       'wall_time_s': time.time() - start,
     }
   )
-  history = None if aul_run.history_TxN is None else train.to_host(aul_run.history_TxN)
-  outputs.write_run_outputs(workdir, scores, summary, history)
+  history = None
+  if detection is not None and detection.history_TxN is not None:
+    history = train.to_host(detection.history_TxN)
+  pictures = None
+  if detection is not None:
+    mixture = train.to_host(detection.mixture)
+    pictures = _figures(dataset, noisy, scores['aul'], mixture, history)
+  outputs.write_run_outputs(workdir, scores, summary, history, pictures)
   log(
-    f'noise estimate {summary["noise_estimate"]:.3f}, {summary["n_flagged"]} flagged; '
-    f'outputs in {workdir}'
+    f'{config.method}: '
+    + ', '.join(
+      f'{k} {summary[k]:.4f}'
+      for k in ('noise_estimate', 'auroc', 'f1', 'test_error')
+      if isinstance(summary.get(k), float)
+    )
+    + f'; outputs in {workdir}'
   )
   return summary

@@ -24,6 +24,11 @@ from aul_jax import augment, aul, losses
 
 DATA_AXIS = 'data'
 
+# objective(logits_BxK, labels_B) -> per-example loss_B.
+Objective = Callable[[jax.Array, jax.Array], jax.Array]
+# step(state, batch, epoch) -> (state, {'loss': loss_b, 'correct': correct_b}), per device.
+StepFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[Any, dict[str, jax.Array]]]
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -85,12 +90,26 @@ def create_train_state(
   return init(key)
 
 
+def apply_gradients(
+  state: TrainState, grads: Any, updates: dict, optimizer: optax.GradientTransformation
+) -> TrainState:
+  """One optimizer update, plus the BatchNorm statistics that the forward pass produced."""
+  param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  return state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, param_updates),
+    batch_stats=updates.get('batch_stats', state.batch_stats),
+    opt_state=opt_state,
+  )
+
+
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
   *,
   model: nn.Module,
   optimizer: optax.GradientTransformation,
+  objective: Objective = losses.cross_entropy,
   axis_name: str = DATA_AXIS,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """Per-device SGD step on this device's shard; returns per-example losses and correctness.
@@ -98,6 +117,7 @@ def train_step(
   `batch['weight']` is the per-example loss weight, already 0 for padding. The loss is the
   weighted mean over the global batch, so the parameter gradient, summed over the data axis
   by shard_map's transpose of the replicated parameters, is the global-batch gradient.
+  `objective(logits_BxK, labels_B)` gives the per-example loss that is trained on.
   """
 
   def loss_fn(params):
@@ -105,19 +125,27 @@ def train_step(
     logits_BxK, updates = model.apply(
       variables, batch['image'], train=True, mutable=['batch_stats']
     )
-    loss_B = losses.cross_entropy(logits_BxK, batch['label'])
+    loss_B = objective(logits_BxK, batch['label'])
     return losses.weighted_mean(loss_B, batch['weight'], axis_name), (loss_B, logits_BxK, updates)
 
   grads, (loss_B, logits_BxK, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
-  param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  state = state.replace(
-    step=state.step + 1,
-    params=optax.apply_updates(state.params, param_updates),
-    batch_stats=updates.get('batch_stats', state.batch_stats),
-    opt_state=opt_state,
-  )
+  state = apply_gradients(state, grads, updates, optimizer)
   correct_B = jnp.argmax(logits_BxK, axis=-1) == batch['label']
   return state, {'loss': loss_B, 'correct': correct_B}
+
+
+def make_step(
+  model: nn.Module,
+  optimizer: optax.GradientTransformation,
+  objective: Objective = losses.cross_entropy,
+) -> StepFn:
+  """The plain weighted-loss step as a StepFn (it does not depend on the epoch)."""
+
+  def step(state, batch, epoch):
+    del epoch
+    return train_step(state, batch, model=model, optimizer=optimizer, objective=objective)
+
+  return step
 
 
 def epoch_order(key: jax.Array, num_examples: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
@@ -134,7 +162,7 @@ def epoch_order(key: jax.Array, num_examples: int, batch_size: int) -> tuple[jax
   return index.reshape(steps, batch_size), mask.reshape(steps, batch_size)
 
 
-def _device_slice(x_B: jax.Array, local_batch: int) -> jax.Array:
+def device_slice(x_B: jax.Array, local_batch: int) -> jax.Array:
   """This device's contiguous share of a global-batch vector."""
   start = jax.lax.axis_index(DATA_AXIS) * local_batch
   return jax.lax.dynamic_slice_in_dim(x_B, start, local_batch)
@@ -150,36 +178,38 @@ def _gather_batch(data, index_b, mask_b, key_b, augment_images: bool) -> dict[st
 
 
 def make_train_epoch(
-  model: nn.Module,
-  optimizer: optax.GradientTransformation,
+  step_fn: StepFn,
   mesh: jax.sharding.Mesh,
   *,
   num_examples: int,
   batch_size: int,
   augment_images: bool,
+  draw_weights: Callable[[jax.Array, int], jax.Array] | None = None,
 ) -> Callable:
   """Compiles `run_epoch(state, aul_state, data, key, epoch) -> (state, aul_state, stats)`.
 
   `data` holds replicated device arrays 'image' (N,H,W,C), 'label' (N,) and 'weight' (N,).
   The per-example losses of each step are gathered over devices and scattered by index into
-  the epoch's loss vector, which is folded into the donated AUL state.
+  the epoch's loss vector, which is folded into the donated AUL state. With `draw_weights`,
+  `draw_weights(key, N)` replaces data['weight'] with fresh weights at every epoch.
   """
   local_batch = batch_size // mesh.shape[DATA_AXIS]
-  step_fn = functools.partial(train_step, model=model, optimizer=optimizer)
 
-  def per_device_epoch(state, data, key):
-    order_key, augment_key = jax.random.split(key)
+  def per_device_epoch(state, data, key, epoch):
+    order_key, augment_key, weight_key = jax.random.split(key, 3)
+    if draw_weights is not None:
+      data = {**data, 'weight': draw_weights(weight_key, num_examples)}
     index_SxB, mask_SxB = epoch_order(order_key, num_examples, batch_size)
 
     def body(carry, step_inputs):
       state, epoch_loss_N, stats = carry
       step, index_B, mask_B = step_inputs
       keys_B = jax.random.split(jax.random.fold_in(augment_key, step), batch_size)
-      index_b, mask_b = _device_slice(index_B, local_batch), _device_slice(mask_B, local_batch)
+      index_b, mask_b = device_slice(index_B, local_batch), device_slice(mask_B, local_batch)
       batch = _gather_batch(
-        data, index_b, mask_b, _device_slice(keys_B, local_batch), augment_images
+        data, index_b, mask_b, device_slice(keys_B, local_batch), augment_images
       )
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, batch, epoch)
       loss_B = jax.lax.all_gather(metrics['loss'], DATA_AXIS, tiled=True, to='invarying')
       correct_B = jax.lax.all_gather(metrics['correct'], DATA_AXIS, tiled=True, to='invarying')
       epoch_loss_N = aul.scatter_losses(epoch_loss_N, index_B, loss_B, mask_B)
@@ -204,12 +234,14 @@ def make_train_epoch(
     return state, epoch_loss_N, stats
 
   sharded_epoch = jax.shard_map(
-    per_device_epoch, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P(), P())
+    per_device_epoch, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=(P(), P(), P())
   )
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def run_epoch(state, aul_state, data, key, epoch):
-    state, epoch_loss_N, stats = sharded_epoch(state, data, jax.random.fold_in(key, epoch))
+    epoch = jnp.asarray(epoch, jnp.int32)
+    epoch_key = jax.random.fold_in(key, epoch)
+    state, epoch_loss_N, stats = sharded_epoch(state, data, epoch_key, epoch)
     return state, aul.add_epoch(aul_state, epoch_loss_N, epoch), stats
 
   return run_epoch
@@ -226,7 +258,7 @@ def make_evaluate(
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
 
     def body(correct, position_B):
-      position_b = _device_slice(position_B, local_batch)
+      position_b = device_slice(position_B, local_batch)
       index_b = jnp.minimum(position_b, num_examples - 1)
       logits = model.apply(variables, images[index_b], train=False)
       hit = (jnp.argmax(logits, -1) == labels[index_b]) & (position_b < num_examples)

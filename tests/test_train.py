@@ -44,8 +44,7 @@ def _run(num_devices, model, data, *, epochs=2, learning_rate=0.1, augment_image
   state = train_lib.replicate(state, mesh)
   aul_state = train_lib.replicate(aul.init_aul_state(NUM_EXAMPLES, epochs, 'float32'), mesh)
   run_epoch = train_lib.make_train_epoch(
-    model,
-    optimizer,
+    train_lib.make_step(model, optimizer),
     mesh,
     num_examples=NUM_EXAMPLES,
     batch_size=BATCH,

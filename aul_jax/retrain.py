@@ -1,0 +1,89 @@
+"""Step 3 and its baselines: what each retraining method weights, trains on and steps with.
+
+All methods share the model zoo, the epoch loop and the weighted-mean loss; they differ
+only in per-example weights, the objective, or (co-teaching) the step. See paper Section 5.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from aul_jax import coteaching, losses, train
+
+METHODS = ('aul', 'standard', 'oracle', 'random', 'reed_hard', 'coteaching')
+
+
+def example_weights(
+  method: str, p_mislabeled_N: np.ndarray | None, is_mislabeled_N: np.ndarray
+) -> np.ndarray:
+  """Fixed per-example loss weights of `method`; 1 for methods that weight nothing."""
+  if method == 'aul':
+    # Section 4.2's formula writes z_i = p(mislabeled), but the paper's text and intent are
+    # to down-weight suspicious samples: the weight is the *clean* probability 1 - z_i.
+    return (1.0 - np.asarray(p_mislabeled_N, np.float64)).astype(np.float32)
+  if method == 'oracle':
+    return (~np.asarray(is_mislabeled_N, bool)).astype(np.float32)
+  return np.ones(len(is_mislabeled_N), np.float32)
+
+
+def rectified_normal_weights(key: jax.Array, num_examples: int) -> jax.Array:
+  """max(0, N(0, 1)) per example: Ren et al. (2018)'s Random baseline, redrawn every epoch."""
+  return jnp.maximum(jax.random.normal(key, (num_examples,)), 0.0)
+
+
+def lr_drop_epochs(num_epochs: int, fractions: Sequence[float]) -> tuple[int, ...]:
+  """Epochs of the learning-rate drops: 150 and 225 of 300 scale to 0.5 and 0.75 of any run."""
+  return tuple(int(round(f * num_epochs)) for f in fractions)
+
+
+def objective(method: str, retrain_config: ml_collections.ConfigDict) -> train.Objective:
+  if method == 'reed_hard':
+    return losses.hard_bootstrap(retrain_config.reed_beta)
+  return losses.cross_entropy
+
+
+def draw_weights(method: str) -> Callable[[jax.Array, int], jax.Array] | None:
+  return rectified_normal_weights if method == 'random' else None
+
+
+def coteaching_max_forget_rate(retrain_config: ml_collections.ConfigDict, noise_rate: float):
+  """Han et al. set the forget rate to the noise rate; a config value >= 0 overrides it."""
+  rate = retrain_config.coteaching_forget_rate
+  return noise_rate if rate < 0 else rate
+
+
+def step_and_state(
+  method: str,
+  model,
+  optimizer,
+  init_state: Callable[[jax.Array], train.TrainState],
+  key: jax.Array,
+  retrain_config: ml_collections.ConfigDict,
+  noise_rate: float,
+):
+  """The StepFn and its fresh state: a pair of networks for co-teaching, else one."""
+  if method == 'coteaching':
+    key_a, key_b = jax.random.split(key)
+    step = coteaching.make_coteaching_step(
+      model,
+      optimizer,
+      max_forget_rate=coteaching_max_forget_rate(retrain_config, noise_rate),
+      gradual_epochs=coteaching.gradual_epochs_for(
+        retrain_config.epochs, retrain_config.coteaching_gradual_fraction
+      ),
+    )
+    return step, (init_state(key_a), init_state(key_b))
+  return train.make_step(model, optimizer, objective(method, retrain_config)), init_state(key)
+
+
+def evaluated_state(state):
+  """The network whose test error is reported (co-teaching: the first of the pair)."""
+  return state[0] if isinstance(state, tuple) else state
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  return math.ceil(num_examples / batch_size)
