@@ -8,13 +8,16 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from aul_jax import pipeline, train
+from aul_jax import checkpointing, pipeline, train
 from aul_jax.errors import UserInputError
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to a config file.', lock_config=True
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for scores.csv and summary.json.')
+_FORCE = flags.DEFINE_bool(
+  'force', False, 'Continue a run whose workdir was made with a different config.'
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -22,13 +25,16 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
-    pipeline.run(_CONFIG.value, _WORKDIR.value, log=logging.info)
+    pipeline.run(_CONFIG.value, _WORKDIR.value, log=logging.info, force=_FORCE.value)
   except UserInputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except train.DivergedError as e:
-    print(f'error: training diverged: {e}', file=sys.stderr)
+    print(f'error: training diverged: {e}; the last good checkpoint is kept', file=sys.stderr)
     return 3
+  except checkpointing.Preempted as e:
+    print(f'{e}', file=sys.stderr)
+    return 75  # EX_TEMPFAIL: try again later.
   return 0
 
 

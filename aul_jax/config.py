@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
       'coteaching_gradual_fraction': 0.05,  # The forget rate ramps up over 10 of 200 epochs.
     }
   )
+  # Checkpoints in WORKDIR/checkpoints: every N epochs (0: only at the end of each stage
+  # and when SIGTERM/SIGINT arrives). Rerunning the same command resumes.
+  config.checkpoint = ml_collections.ConfigDict({'every_epochs': 10, 'max_to_keep': 2})
   config.eval_batch_size = 500
   config.num_devices = 0  # Local devices on the data axis; 0 = all of them.
   return config
@@ -81,6 +84,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   )
   _validate_recipe(config.aul, 'aul', num_devices, min_epochs=1)
   _validate_recipe(config.retrain, 'retrain', num_devices, min_epochs=0)
+  _validate_checkpoint(config.checkpoint)
   _require(
     config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0,
     f'eval_batch_size={config.eval_batch_size}; expected a positive multiple of the '
@@ -101,6 +105,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _require(
     config.retrain.coteaching_forget_rate < 1,
     f'retrain.coteaching_forget_rate={config.retrain.coteaching_forget_rate!r}; expected < 1',
+  )
+
+
+def _validate_checkpoint(checkpoint) -> None:
+  _require(
+    _is_int(checkpoint.every_epochs) and checkpoint.every_epochs >= 0,
+    f'checkpoint.every_epochs={checkpoint.every_epochs!r}; expected an integer >= 0',
+  )
+  _require(
+    _is_int(checkpoint.max_to_keep) and checkpoint.max_to_keep >= 1,
+    f'checkpoint.max_to_keep={checkpoint.max_to_keep!r}; expected an integer >= 1',
   )
 
 

@@ -6,6 +6,8 @@ into named functions that each do one thing; `run` strings them together for `la
 
 import dataclasses
 import importlib.metadata
+import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,8 +18,21 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from aul_jax import aul, data, figures, gmm, metrics, models, noise, outputs, retrain, train
+from aul_jax import (
+  aul,
+  checkpointing,
+  data,
+  figures,
+  gmm,
+  metrics,
+  models,
+  noise,
+  outputs,
+  retrain,
+  train,
+)
 from aul_jax import config as config_lib
+from aul_jax.errors import UserInputError
 
 _VERSIONED_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'scikit-learn')
 Log = Callable[[str], None]
@@ -47,6 +62,44 @@ class Detection:
   test_error: float | None  # Of the network trained for the AUL.
 
 
+@dataclasses.dataclass(frozen=True)
+class StageCheckpoint:
+  """How one training stage ('aul' or 'retrain') saves and resumes its epochs."""
+
+  checkpointer: checkpointing.Checkpointer
+  stage: str
+  step_offset: int  # Checkpoint step = step_offset + epochs done in this stage.
+  resume: tuple[int, dict] | None  # The newest checkpoint; used if it is of this stage.
+  items: dict  # Saved with every checkpoint besides the training state (labels, detection).
+  meta: dict  # Extra JSON metadata saved with every checkpoint.
+
+
+def _resume(checkpoint: StageCheckpoint | None, state, aul_state, log: Log):
+  """The stage's state from its newest checkpoint, if there is one: (state, aul_state, epoch)."""
+  if checkpoint is None or checkpoint.resume is None:
+    return state, aul_state, 0
+  step, meta = checkpoint.resume
+  if meta['stage'] != checkpoint.stage:
+    return state, aul_state, 0
+  like = {'train': {'state': state, 'aul_state': aul_state}}
+  restored = checkpoint.checkpointer.restore(step, like)['train']
+  log(f'resuming the {checkpoint.stage} stage after epoch {meta["epoch"]} (checkpoint {step})')
+  return restored['state'], restored['aul_state'], meta['epoch']
+
+
+def _saver(checkpoint: StageCheckpoint | None, num_epochs: int):
+  """(due, save) for train.train_epochs, or None without checkpointing."""
+  if checkpoint is None:
+    return None
+
+  def save(epochs_done, state, aul_state):
+    items = {'train': {'state': state, 'aul_state': aul_state}, **checkpoint.items}
+    meta = {'stage': checkpoint.stage, 'epoch': epochs_done, **checkpoint.meta}
+    checkpoint.checkpointer.save(checkpoint.step_offset + epochs_done, items, meta)
+
+  return lambda epochs_done: checkpoint.checkpointer.due(epochs_done, num_epochs), save
+
+
 def inject_noise(dataset: data.Dataset, noise_config: ml_collections.ConfigDict) -> NoisyLabels:
   """Corrupts the training labels as configured, keeping the ground-truth mask."""
   labels, is_mislabeled = noise.corrupt_labels(
@@ -67,8 +120,10 @@ def train_network(
   *,
   method: str = 'standard',
   history_dtype: str | None = None,
+  checkpoint: StageCheckpoint | None = None,
 ) -> TrainedNetwork:
-  """Trains a fresh network with `recipe` (config.aul or config.retrain) and `method`."""
+  """Trains a fresh network with `recipe` (config.aul or config.retrain) and `method`,
+  resuming from and saving to `checkpoint` when given."""
   num_examples = len(labels_N)
   model = models.get_model(
     config.model.name,
@@ -107,15 +162,23 @@ def train_network(
     'label': labels_N.astype(np.int32),
     'weight': np.asarray(weights_N, np.float32),
   }
-  state, aul_state = train.train_epochs(
-    run_epoch,
+  state, aul_state, start_epoch = _resume(
+    checkpoint,
     train.replicate(state, mesh),
     train.replicate(aul.init_aul_state(num_examples, recipe.epochs, history_dtype), mesh),
+    log,
+  )
+  state, aul_state = train.train_epochs(
+    run_epoch,
+    state,
+    aul_state,
     train.replicate(train_data, mesh),
     train_key,
     num_epochs=recipe.epochs,
     num_examples=num_examples,
     log=log,
+    start_epoch=start_epoch,
+    checkpoint=_saver(checkpoint, recipe.epochs),
   )
   return TrainedNetwork(model, retrain.evaluated_state(state), aul_state)
 
@@ -146,7 +209,7 @@ def fit_mixture(aul_N: jax.Array, gmm_config: ml_collections.ConfigDict):
   return mixture, gmm.mislabel_probability(mixture, aul_N)
 
 
-def detect(config, dataset, labels_N, mesh, log: Log) -> Detection:
+def detect(config, dataset, labels_N, mesh, log: Log, checkpoint=None) -> Detection:
   """Steps 1 and 2: the AUL of every example, and the mixture fitted to it."""
   network = train_network(
     config,
@@ -157,7 +220,8 @@ def detect(config, dataset, labels_N, mesh, log: Log) -> Detection:
     mesh,
     jax.random.key(config.seed),
     log,
-    history_dtype=config.aul.history_dtype if config.aul.record_history else None,
+    history_dtype=_history_dtype(config),
+    checkpoint=checkpoint,
   )
   mixture, p_N = fit_mixture(network.aul_state.aul_N, config.gmm)
   return Detection(
@@ -169,14 +233,39 @@ def detect(config, dataset, labels_N, mesh, log: Log) -> Detection:
   )
 
 
-def retrain_network(config, dataset, noisy: NoisyLabels, detection, mesh, log: Log) -> float | None:
+def _history_dtype(config) -> str | None:
+  return config.aul.history_dtype if config.aul.record_history else None
+
+
+def _restore_detection(config, checkpoint: StageCheckpoint, num_examples: int, mesh) -> Detection:
+  """The finished detection stage, from a checkpoint taken while retraining."""
+  step, meta = checkpoint.resume
+  like = aul.init_aul_state(num_examples, config.aul.epochs, _history_dtype(config))
+  restored = checkpoint.checkpointer.restore(step, {'detection': train.replicate(like, mesh)})
+  aul_state = restored['detection']
+  mixture, p_N = fit_mixture(aul_state.aul_N, config.gmm)
+  return Detection(aul_state.aul_N, aul_state.history_TxN, mixture, p_N, meta['aul_test_error'])
+
+
+def retrain_network(
+  config, dataset, noisy: NoisyLabels, detection, mesh, log: Log, checkpoint=None
+) -> float | None:
   """Step 3 (or a baseline): a network trained from scratch; returns its test error."""
   p_N = None if detection is None else train.to_host(detection.p_mislabeled_N)
   weights_N = retrain.example_weights(config.method, p_N, noisy.is_mislabeled)
   log(f'retraining from scratch with method {config.method!r}')
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   network = train_network(
-    config, config.retrain, dataset, noisy.labels, weights_N, mesh, key, log, method=config.method
+    config,
+    config.retrain,
+    dataset,
+    noisy.labels,
+    weights_N,
+    mesh,
+    key,
+    log,
+    method=config.method,
+    checkpoint=checkpoint,
   )
   return test_error(config, network, dataset, mesh)
 
@@ -246,17 +335,75 @@ def _figures(dataset, noisy: NoisyLabels, aul_N, mixture, history_TxN) -> dict[s
   )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, log: Log = logging.info) -> dict:
+def _finished_summary(workdir: str, config, force: bool) -> dict | None:
+  """The summary of a finished run in `workdir` made with this config, else None."""
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  checkpointing.require_same_config(
+    summary['config'], config, f'the finished run in {workdir}', force
+  )
+  return None if force else summary
+
+
+def _check_same_labels(checkpointer, resume, noisy: NoisyLabels) -> None:
+  """A resumed run must train on the labels it started with (the data may have changed)."""
+  if resume is None:
+    return
+  like = {'labels': noisy.labels, 'is_mislabeled': noisy.is_mislabeled}
+  stored = train.to_host(checkpointer.restore(resume[0], {'labels': like})['labels'])
+  if not all(np.array_equal(stored[k], like[k]) for k in like):
+    raise UserInputError(
+      'the training labels differ from those in the checkpoint (did the data or the noise '
+      'change?); use a new --workdir'
+    )
+
+
+def _train_and_detect(config, dataset, noisy, mesh, checkpointer, log: Log):
+  """Detection (method 'aul') and retraining, resuming from the newest checkpoint."""
+  resume = checkpointer.latest()
+  _check_same_labels(checkpointer, resume, noisy)
+  labels = {'labels': {'labels': noisy.labels, 'is_mislabeled': noisy.is_mislabeled}}
+  detection = None
+  if config.method == 'aul':
+    aul_stage = StageCheckpoint(checkpointer, 'aul', 0, resume, labels, {})
+    if resume is not None and resume[1]['stage'] == 'retrain':
+      detection = _restore_detection(config, aul_stage, len(noisy.labels), mesh)
+    else:
+      detection = detect(config, dataset, noisy.labels, mesh, log, aul_stage)
+  final_error = detection.test_error if detection is not None else None
+  if config.retrain.epochs > 0:
+    items, meta, offset = labels, {}, 0
+    if detection is not None:
+      finished = aul.AULState(detection.aul_N, detection.history_TxN)
+      items = {**labels, 'detection': finished}
+      meta, offset = {'aul_test_error': detection.test_error}, config.aul.epochs
+    stage = StageCheckpoint(checkpointer, 'retrain', offset, resume, items, meta)
+    final_error = retrain_network(config, dataset, noisy, detection, mesh, log, stage)
+  return detection, final_error
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: str, log: Log = logging.info, force: bool = False
+) -> dict:
   """Runs the configured pipeline and writes scores.csv and summary.json into `workdir`.
 
   Method 'aul' runs detection (steps 1-2) and, if retrain.epochs > 0, the weighted retraining
   (step 3); the baselines skip detection and only retrain. Bad configs and data raise
   UserInputError before training starts, and nothing is written unless the run completes.
+  Rerunning on the same workdir resumes from its checkpoints; a finished run is not redone.
+  `force` continues a run whose stored config differs from `config`.
   """
   start = time.time()
   num_devices = config.num_devices or jax.local_device_count()
   config_lib.validate(config, num_devices)
   config_lib.check_workdir(workdir)
+  finished = _finished_summary(workdir, config, force)
+  if finished is not None:
+    log(f'the run in {workdir} is already complete; nothing to do')
+    return finished
   dataset = data.load_dataset(config.data)
   noisy = inject_noise(dataset, config.noise)
   config_lib.validate_for_data(config, noisy.injected)
@@ -265,10 +412,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Log = logging.info
     f'{dataset.name}: {len(noisy.labels)} training examples, {dataset.num_classes} classes, '
     f'{num_devices} device(s); noise {config.noise.kind} at {config.noise.rate}'
   )
-  detection = detect(config, dataset, noisy.labels, mesh, log) if config.method == 'aul' else None
-  final_error = detection.test_error if detection is not None else None
-  if config.retrain.epochs > 0:
-    final_error = retrain_network(config, dataset, noisy, detection, mesh, log)
+  with checkpointing.Checkpointer(workdir, config, force=force) as checkpointer:
+    detection, final_error = _train_and_detect(config, dataset, noisy, mesh, checkpointer, log)
   scores, summary = _outputs(config, dataset, noisy, detection, final_error)
   summary.update(
     {

@@ -304,18 +304,27 @@ def train_epochs(
   num_epochs: int,
   num_examples: int,
   log: Callable[[str], None],
+  start_epoch: int = 0,
+  checkpoint: tuple[Callable[[int], bool], Callable[..., None]] | None = None,
 ) -> tuple[TrainState, aul.AULState]:
-  """Runs `num_epochs` compiled epochs; metrics are read one epoch late so the device never idles.
+  """Runs epochs start_epoch..num_epochs-1; metrics are read one epoch late so the device
+  never idles.
 
+  `checkpoint = (due, save)`: after e epochs, if due(e), the epoch's metrics are checked
+  first (so a diverged state is never saved) and save(e, state, aul_state) is called.
   Raises DivergedError naming the epoch and step of the first non-finite loss.
   """
   pending, pending_start = None, 0.0
-  for epoch in range(num_epochs):
+  for epoch in range(start_epoch, num_epochs):
     start = time.perf_counter()
     state, aul_state, stats = run_epoch(state, aul_state, data, key, epoch)
     if pending is not None:
       _log_epoch(*pending, time.perf_counter() - pending_start, log)
     pending, pending_start = (epoch, stats, num_examples), start
+    if checkpoint is not None and checkpoint[0](epoch + 1):
+      _log_epoch(*pending, time.perf_counter() - pending_start, log)
+      pending = None
+      checkpoint[1](epoch + 1, state, aul_state)
   if pending is not None:
     jax.block_until_ready(aul_state)
     _log_epoch(*pending, time.perf_counter() - pending_start, log)
