@@ -100,12 +100,14 @@ def write_run_outputs(
   summary: Mapping,
   history_TxN: np.ndarray | None = None,
   figures: Mapping[str, bytes] | None = None,
+  tables: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> None:
-  """The files of one run: scores.csv, summary.json, aul_history.npy (N, T) if recorded, PNGs."""
+  """One run's files: scores.csv, summary.json, aul_history.npy (N, T), PNGs, other CSVs."""
   contents: dict[str, str | bytes] = {
     'scores.csv': scores_csv(scores),
     'summary.json': summary_json(summary),
     **(figures or {}),
+    **{name: scores_csv(columns) for name, columns in (tables or {}).items()},
   }
   if history_TxN is not None:
     contents['aul_history.npy'] = _npy_bytes(np.asarray(history_TxN, np.float32).T)

@@ -24,10 +24,10 @@ from aul_jax import (
   data,
   figures,
   gmm,
-  metrics,
   models,
   noise,
   outputs,
+  report,
   retrain,
   train,
 )
@@ -279,27 +279,10 @@ def _detection_outputs(detection: Detection, noisy: NoisyLabels):
   aul_N, p_N, mixture = train.to_host(
     (detection.aul_N, detection.p_mislabeled_N, detection.mixture)
   )
-  flagged_N = p_N > 0.5
-  columns = {
-    'aul': aul_N.astype(np.float64),
-    'p_mislabeled': p_N.astype(np.float64),
-    'flagged': flagged_N,
-  }
-  summary = {
-    'noise_estimate': float(gmm.noise_fraction(mixture)),
-    'n_flagged': int(flagged_N.sum()),
-    'gmm': {
-      'weights': mixture.weights.tolist(),
-      'means': mixture.means.tolist(),
-      'variances': mixture.variances.tolist(),
-      'log_likelihood': float(mixture.log_likelihood),
-      'n_iter': int(mixture.n_iter),
-      'converged': bool(mixture.converged),
-    },
-    'aul_model_test_error': detection.test_error,
-  }
-  if noisy.injected:
-    summary.update(metrics.detection_metrics(aul_N, flagged_N, noisy.is_mislabeled))
+  columns = report.detection_columns(aul_N, p_N)
+  truth = noisy.is_mislabeled if noisy.injected else None
+  summary = report.detection_summary(mixture, columns, truth)
+  summary['aul_model_test_error'] = detection.test_error
   return columns, summary
 
 
@@ -430,7 +413,8 @@ def run(
   if detection is not None:
     mixture = train.to_host(detection.mixture)
     pictures = _figures(dataset, noisy, scores['aul'], mixture, history)
-  outputs.write_run_outputs(workdir, scores, summary, history, pictures)
+  extra = None if detection is None else {'ranked_issues.csv': report.ranked_issues(scores)}
+  outputs.write_run_outputs(workdir, scores, summary, history, pictures, extra)
   log(
     f'{config.method}: '
     + ', '.join(

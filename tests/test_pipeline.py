@@ -54,12 +54,21 @@ def test_digits_outputs_are_consistent(digits_run):
     'aul',
     'p_mislabeled',
     'flagged',
+    'label_issue',
+    'label_quality',
     'true_label',
     'is_mislabeled',
   )
   assert len(scores) == summary['n_train'] == 1437
   np.testing.assert_array_equal(scores['index'], np.arange(1437))
   np.testing.assert_array_equal(scores['flagged'], scores['p_mislabeled'] > 0.5)
+  np.testing.assert_array_equal(scores['label_issue'], scores['flagged'])
+  np.testing.assert_allclose(scores['label_quality'], 1 - scores['p_mislabeled'])
+  ranked = np.genfromtxt(os.path.join(workdir, 'ranked_issues.csv'), delimiter=',', names=True)
+  assert (np.diff(ranked['p_mislabeled']) <= 0).all()
+  assert sorted(ranked['index']) == list(range(1437))
+  for figure in ('aul_histogram', 'loss_aul_histograms', 'auroc_per_epoch', 'top_aul_images'):
+    assert os.path.getsize(os.path.join(workdir, f'{figure}.png')) > 1000
   assert summary['n_flagged'] == int(scores['flagged'].sum())
   assert np.mean(scores['label'] != scores['true_label']) == pytest.approx(0.4, abs=1e-3)
   # The mislabeled component is the one with the higher mean, and its weight is the estimate.

@@ -1,0 +1,58 @@
+"""What a detection reports: per-example columns, the summary, and cleanlab-style views.
+
+Shared by the training pipeline and by `aul_jax.score` (losses from any framework), so
+both write the same scores.csv, summary.json and ranked_issues.csv.
+"""
+
+import numpy as np
+
+from aul_jax import gmm, metrics
+
+
+def detection_columns(aul_N: np.ndarray, p_mislabeled_N: np.ndarray) -> dict[str, np.ndarray]:
+  """scores.csv columns: the AUL, p(mislabeled), the flag, and cleanlab's names for them.
+
+  `label_issue` and `label_quality` (= 1 - p_mislabeled) are what cleanlab's reporting
+  expects from `find_label_issues` and its label-quality scores.
+  """
+  p_N = np.asarray(p_mislabeled_N, np.float64)
+  flagged_N = p_N > 0.5
+  return {
+    'aul': np.asarray(aul_N, np.float64),
+    'p_mislabeled': p_N,
+    'flagged': flagged_N,
+    'label_issue': flagged_N,
+    'label_quality': 1.0 - p_N,
+  }
+
+
+def detection_summary(mixture: gmm.GaussianMixture, columns, is_mislabeled_N=None) -> dict:
+  """summary.json fields: the noise estimate, the mixture, and truth-based metrics if known."""
+  summary = {
+    'noise_estimate': float(gmm.noise_fraction(mixture)),
+    'n_flagged': int(columns['flagged'].sum()),
+    'gmm': {
+      'weights': np.asarray(mixture.weights).tolist(),
+      'means': np.asarray(mixture.means).tolist(),
+      'variances': np.asarray(mixture.variances).tolist(),
+      'log_likelihood': float(mixture.log_likelihood),
+      'n_iter': int(mixture.n_iter),
+      'converged': bool(mixture.converged),
+    },
+  }
+  if is_mislabeled_N is not None:
+    truth = np.asarray(is_mislabeled_N, bool)
+    summary['true_noise_rate'] = float(truth.mean())
+    summary.update(metrics.detection_metrics(columns['aul'], columns['flagged'], truth))
+  return summary
+
+
+def ranked_issues(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Every example, most likely mislabeled first (ties by index): ranked_issues.csv."""
+  order = np.lexsort((np.arange(len(columns['p_mislabeled'])), -columns['p_mislabeled']))
+  return {
+    'rank': np.arange(len(order)),
+    'index': order,
+    'p_mislabeled': columns['p_mislabeled'][order],
+    'label_issue': columns['label_issue'][order],
+  }

@@ -1,0 +1,135 @@
+"""`aul_jax.score`: the detector for loss trajectories from any framework."""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from aul_jax import report, score
+from aul_jax.errors import UserInputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _trajectories(num_examples=400, num_epochs=8, seed=0):
+  """Mislabeled examples (30%) keep a higher loss for longer, as in the paper's Figure 3."""
+  rng = np.random.default_rng(seed)
+  truth = rng.random(num_examples) < 0.3
+  decay = np.exp(-np.arange(num_epochs) / np.where(truth, 6.0, 1.5)[:, None])
+  losses = 2.3 * decay + rng.gamma(2.0, 0.1, (num_examples, num_epochs))
+  return losses, truth
+
+
+def test_score_finds_the_slow_learners():
+  losses, truth = _trajectories()
+  scores, summary, pictures = score.score(losses, is_mislabeled_N=truth)
+  np.testing.assert_allclose(scores['aul'], losses.sum(1))
+  assert summary['auroc'] > 0.99 and summary['f1'] > 0.95
+  assert summary['noise_estimate'] == pytest.approx(truth.mean(), abs=0.05)
+  np.testing.assert_array_equal(scores['label_issue'], scores['p_mislabeled'] > 0.5)
+  np.testing.assert_allclose(scores['label_quality'], 1 - scores['p_mislabeled'])
+  assert set(pictures) == {'aul_histogram.png', 'loss_aul_histograms.png', 'auroc_per_epoch.png'}
+
+
+def test_logits_give_cross_entropy_losses():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 5, 4)).astype(np.float32)
+  labels = np.array([0, 3, 1, 1, 2])
+  losses = score.losses_from_logits(logits, labels)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  expected = -np.take_along_axis(log_p, labels[None, :, None], -1)[..., 0].T
+  np.testing.assert_allclose(losses, expected, rtol=1e-5)
+
+
+def test_ranked_issues_order():
+  columns = report.detection_columns(np.arange(4.0), np.array([0.2, 0.9, 0.9, 0.6]))
+  ranked = report.ranked_issues(columns)
+  np.testing.assert_array_equal(ranked['index'], [1, 2, 3, 0])
+  np.testing.assert_array_equal(ranked['label_issue'], [True, True, True, False])
+
+
+@pytest.mark.parametrize('fmt', ['npy', 'npz', 'csv'])
+def test_score_files_writes_the_outputs(fmt, tmp_path):
+  losses, truth = _trajectories()
+  path = tmp_path / f'losses.{fmt}'
+  if fmt == 'npy':
+    np.save(path, losses)
+  elif fmt == 'npz':
+    np.savez(path, losses=losses)
+  else:
+    np.savetxt(path, losses, delimiter=',', header='e0,e1,e2,e3,e4,e5,e6,e7', comments='')
+  np.save(tmp_path / 'truth.npy', truth)
+  summary = score.score_files(
+    str(tmp_path / 'out'), losses=str(path), truth=str(tmp_path / 'truth.npy')
+  )
+  assert summary['n_train'] == 400 and summary['auroc'] > 0.99
+  with open(tmp_path / 'out' / 'ranked_issues.csv') as f:
+    ranked = list(csv.DictReader(f))
+  assert len(ranked) == 400 and ranked[0]['label_issue'] == 'true'
+
+
+def test_cli_with_logits_and_labels(tmp_path):
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(4, 50, 3)).astype(np.float32)
+  np.save(tmp_path / 'logits.npy', logits)
+  np.save(tmp_path / 'labels.npy', rng.integers(0, 3, 50))
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'aul_jax.score',
+      f'--logits={tmp_path}/logits.npy',
+      f'--labels={tmp_path}/labels.npy',
+      f'--workdir={tmp_path}/out',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr
+  summary = json.loads((tmp_path / 'out' / 'summary.json').read_text())
+  assert summary['n_train'] == 50 and summary['n_epochs'] == 4
+
+
+BAD_FILES = {
+  'missing file': (None, 'does not exist'),
+  'nan loss': (np.array([[1.0, np.nan], [1.0, 2.0]]), 'entry (0, 1) is not finite'),
+  '3-d losses': (np.ones((2, 2, 2)), 'expected a non-empty numeric (N, T) array'),
+  'text losses': (np.array([['a', 'b']]), 'expected a non-empty numeric (N, T) array'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_FILES))
+def test_bad_loss_files_are_named(case, tmp_path):
+  array, message = BAD_FILES[case]
+  path = tmp_path / 'losses.npy'
+  if array is not None:
+    np.save(path, array)
+  with pytest.raises(UserInputError, match=re.escape(message)):
+    score.score_files(str(tmp_path / 'out'), losses=str(path))
+  assert not (tmp_path / 'out').exists()
+
+
+def test_bad_labels_and_truth_are_named(tmp_path):
+  np.save(tmp_path / 'logits.npy', np.zeros((2, 3, 4), np.float32))
+  np.save(tmp_path / 'labels.npy', np.array([0, 4, 1]))
+  with pytest.raises(UserInputError, match=re.escape('label 4 at index 1 is outside 0..3')):
+    score.score_files(
+      str(tmp_path / 'out'),
+      logits=str(tmp_path / 'logits.npy'),
+      labels=str(tmp_path / 'labels.npy'),
+    )
+  np.save(tmp_path / 'losses.npy', np.ones((3, 2)))
+  np.save(tmp_path / 'truth.npy', np.array([0, 1]))
+  with pytest.raises(UserInputError, match='2 entries, expected 3'):
+    score.score_files(
+      str(tmp_path / 'out'), losses=str(tmp_path / 'losses.npy'), truth=str(tmp_path / 'truth.npy')
+    )
+  with pytest.raises(UserInputError, match='--logits needs --labels'):
+    score.score_files(str(tmp_path / 'out'), logits=str(tmp_path / 'logits.npy'))
