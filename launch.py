@@ -8,7 +8,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from aul_jax import checkpointing, pipeline, train
+from aul_jax import checkpointing, distributed, pipeline, train
 from aul_jax.errors import UserInputError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,7 +25,9 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
-    pipeline.run(_CONFIG.value, _WORKDIR.value, log=logging.info, force=_FORCE.value)
+    distributed.initialize(_CONFIG.value.distributed)
+    log = logging.info if distributed.is_primary() else lambda _: None
+    pipeline.run(_CONFIG.value, _WORKDIR.value, log=log, force=_FORCE.value)
   except UserInputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

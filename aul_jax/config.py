@@ -4,7 +4,7 @@ import os
 
 import ml_collections
 
-from aul_jax import data, models, noise, retrain
+from aul_jax import data, distributed, models, noise, retrain
 from aul_jax.errors import UserInputError
 
 HISTORY_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -52,8 +52,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Checkpoints in WORKDIR/checkpoints: every N epochs (0: only at the end of each stage
   # and when SIGTERM/SIGINT arrives). Rerunning the same command resumes.
   config.checkpoint = ml_collections.ConfigDict({'every_epochs': 10, 'max_to_keep': 2})
+  # Several processes (hosts): explicit, or detected under SLURM / on a Cloud TPU pod.
+  config.distributed = ml_collections.ConfigDict(
+    {
+      'coordinator_address': '',  # e.g. 'host0:1234'; '' = not explicit.
+      'num_processes': 1,
+      'process_id': 0,
+      'auto_detect': True,
+    }
+  )
   config.eval_batch_size = 500
-  config.num_devices = 0  # Local devices on the data axis; 0 = all of them.
+  config.num_devices = 0  # Devices on the data axis, over all processes; 0 = all of them.
   return config
 
 
@@ -85,6 +94,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _validate_recipe(config.aul, 'aul', num_devices, min_epochs=1)
   _validate_recipe(config.retrain, 'retrain', num_devices, min_epochs=0)
   _validate_checkpoint(config.checkpoint)
+  distributed.validate(config.distributed)
   _require(
     config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0,
     f'eval_batch_size={config.eval_batch_size}; expected a positive multiple of the '

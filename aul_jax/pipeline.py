@@ -22,6 +22,7 @@ from aul_jax import (
   aul,
   checkpointing,
   data,
+  distributed,
   figures,
   gmm,
   models,
@@ -368,6 +369,20 @@ def _train_and_detect(config, dataset, noisy, mesh, checkpointer, log: Log):
   return detection, final_error
 
 
+def _data_devices(num_devices: int) -> list:
+  """The devices of the data axis: all of them across processes, or the first few locally."""
+  if num_devices == jax.device_count():
+    return jax.devices()
+  if jax.process_count() > 1:
+    raise UserInputError(
+      f'num_devices={num_devices}: a run over {jax.process_count()} processes uses all '
+      f'{jax.device_count()} devices (num_devices=0)'
+    )
+  if num_devices > jax.local_device_count():
+    raise UserInputError(f'num_devices={num_devices}; only {jax.local_device_count()} available')
+  return jax.local_devices()[:num_devices]
+
+
 def run(
   config: ml_collections.ConfigDict, workdir: str, log: Log = logging.info, force: bool = False
 ) -> dict:
@@ -380,17 +395,17 @@ def run(
   `force` continues a run whose stored config differs from `config`.
   """
   start = time.time()
-  num_devices = config.num_devices or jax.local_device_count()
+  num_devices = config.num_devices or jax.device_count()
   config_lib.validate(config, num_devices)
   config_lib.check_workdir(workdir)
   finished = _finished_summary(workdir, config, force)
   if finished is not None:
     log(f'the run in {workdir} is already complete; nothing to do')
     return finished
+  mesh = train.make_mesh(_data_devices(num_devices))
   dataset = data.load_dataset(config.data)
   noisy = inject_noise(dataset, config.noise)
   config_lib.validate_for_data(config, noisy.injected)
-  mesh = train.make_mesh(jax.local_devices()[:num_devices])
   log(
     f'{dataset.name}: {len(noisy.labels)} training examples, {dataset.num_classes} classes, '
     f'{num_devices} device(s); noise {config.noise.kind} at {config.noise.rate}'
@@ -414,7 +429,8 @@ def run(
     mixture = train.to_host(detection.mixture)
     pictures = _figures(dataset, noisy, scores['aul'], mixture, history)
   extra = None if detection is None else {'ranked_issues.csv': report.ranked_issues(scores)}
-  outputs.write_run_outputs(workdir, scores, summary, history, pictures, extra)
+  if distributed.is_primary():
+    outputs.write_run_outputs(workdir, scores, summary, history, pictures, extra)
   log(
     f'{config.method}: '
     + ', '.join(
