@@ -74,24 +74,54 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path):
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize('problem', ['negative label', 'nan pixel', 'length mismatch'])
-def test_bad_npz_names_the_key_and_problem(problem, tmp_path):
-  arrays = _good_npz_arrays()
+def _break(arrays, problem):
+  """Returns the npz arrays with one `problem`, and the words the error must contain."""
+  if problem == 'missing key':
+    del arrays['y_train']
+    return arrays, ["'y_train'", 'missing']
   if problem == 'negative label':
     arrays['y_train'] = arrays['y_train'] - 1
-    expected = 'y_train'
-  elif problem == 'nan pixel':
+    return arrays, ["'y_train'", '-1']
+  if problem == 'out-of-range label':
+    arrays['y_train'] = arrays['y_train'].astype(np.int64)
+    arrays['y_train'][3] = 2**40
+    return arrays, ["'y_train'", str(2**40)]
+  if problem == 'float labels':
+    arrays['y_train'] = arrays['y_train'].astype(np.float32)
+    return arrays, ["'y_train'", 'float32']
+  if problem == 'nan pixel':
     arrays['x_train'] = arrays['x_train'].astype(np.float32)
     arrays['x_train'][7, 1, 1] = np.nan
-    expected = 'x_train'
-  else:
-    arrays['y_train'] = arrays['y_train'][:-1]
-    expected = 'y_train'
+    return arrays, ["'x_train'", 'NaN']
+  if problem == '1-d images':
+    arrays['x_train'] = arrays['x_train'].reshape(40, 64)[:, 0]
+    return arrays, ["'x_train'", 'shape (40,)']
+  assert problem == 'length mismatch'
+  arrays['y_train'] = arrays['y_train'][:-1]
+  return arrays, ["'y_train'", '39']
+
+
+NPZ_PROBLEMS = [
+  'missing key',
+  'negative label',
+  'out-of-range label',
+  'float labels',
+  'nan pixel',
+  '1-d images',
+  'length mismatch',
+]
+
+
+@pytest.mark.parametrize('problem', NPZ_PROBLEMS)
+def test_bad_npz_names_the_key_and_problem(problem, tmp_path):
+  arrays, expected = _break(_good_npz_arrays(), problem)
   path = _npz(tmp_path, **arrays)
   workdir = tmp_path / 'run'
   result = launch('--config=configs/npz.py', f'--config.data.path={path}', workdir=workdir)
   assert result.returncode == 2
-  assert path in result.stderr and expected in result.stderr, result.stderr
+  assert path in result.stderr, result.stderr
+  for words in expected:
+    assert words in result.stderr, (words, result.stderr)
   assert 'Traceback' not in result.stderr
   assert not workdir.exists()
 
@@ -119,7 +149,15 @@ def test_npz_run_writes_documented_outputs(tmp_path):
   assert result.returncode == 0, result.stderr
   with open(workdir / 'scores.csv') as f:
     rows = list(csv.DictReader(f))
-  assert list(rows[0]) == ['index', 'label', 'aul', 'p_mislabeled', 'flagged']
+  assert list(rows[0]) == [
+    'index',
+    'label',
+    'aul',
+    'p_mislabeled',
+    'flagged',
+    'label_issue',
+    'label_quality',
+  ]
   assert [int(r['index']) for r in rows] == list(range(40))
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['n_train'] == 40 and 0 <= summary['noise_estimate'] <= 1
