@@ -62,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
     }
   )
   config.eval_batch_size = 500
+  config.tensorboard = True  # Summaries in WORKDIR/tensorboard (process 0 only).
+  config.log_every_epochs = 1  # Log lines when not on a terminal (a bar is shown there).
   config.num_devices = 0  # Devices on the data axis, over all processes; 0 = all of them.
   return config
 

@@ -1,5 +1,7 @@
 """Detection quality against the injected ground truth: AUROC, precision, recall, F1."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from sklearn import metrics as sk_metrics
 
@@ -25,3 +27,19 @@ def detection_metrics(
     'recall': float(recall),
     'f1': float(f1),
   }
+
+
+def auroc_on_device(score_N: jax.Array, truth_N: jax.Array) -> jax.Array:
+  """AUROC of `score_N` against the boolean `truth_N`, jittable; ties count one half.
+
+  The Mann-Whitney statistic from sorted negatives, so the per-epoch AUROC of the AUL can
+  be tracked without copying the accumulator to the host. NaN without both classes.
+  """
+  score_N = score_N.astype(jnp.float32)
+  negatives = jnp.sort(jnp.where(truth_N, jnp.inf, score_N))
+  num_neg = jnp.sum(~truth_N)
+  below = jnp.searchsorted(negatives, score_N, side='left')
+  not_above = jnp.minimum(jnp.searchsorted(negatives, score_N, side='right'), num_neg)
+  wins = jnp.where(truth_N, below + 0.5 * (not_above - below), 0.0)
+  num_pos = jnp.sum(truth_N)
+  return jnp.sum(wins) / (num_pos * num_neg)

@@ -33,10 +33,14 @@ from aul_jax import (
   train,
 )
 from aul_jax import config as config_lib
+from aul_jax import (
+  progress as progress_lib,
+)
 from aul_jax.errors import UserInputError
 
 _VERSIONED_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'scikit-learn')
 Log = Callable[[str], None]
+Progress = progress_lib.Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +79,7 @@ class StageCheckpoint:
   meta: dict  # Extra JSON metadata saved with every checkpoint.
 
 
-def _resume(checkpoint: StageCheckpoint | None, state, aul_state, log: Log):
+def _resume(checkpoint: StageCheckpoint | None, state, aul_state, progress: Progress):
   """The stage's state from its newest checkpoint, if there is one: (state, aul_state, epoch)."""
   if checkpoint is None or checkpoint.resume is None:
     return state, aul_state, 0
@@ -84,7 +88,9 @@ def _resume(checkpoint: StageCheckpoint | None, state, aul_state, log: Log):
     return state, aul_state, 0
   like = {'train': {'state': state, 'aul_state': aul_state}}
   restored = checkpoint.checkpointer.restore(step, like)['train']
-  log(f'resuming the {checkpoint.stage} stage after epoch {meta["epoch"]} (checkpoint {step})')
+  progress.log(
+    f'resuming the {checkpoint.stage} stage after epoch {meta["epoch"]} (checkpoint {step})'
+  )
   return restored['state'], restored['aul_state'], meta['epoch']
 
 
@@ -117,14 +123,17 @@ def train_network(
   weights_N: np.ndarray,
   mesh: jax.sharding.Mesh,
   key: jax.Array,
-  log: Log,
+  progress: Progress,
   *,
+  stage: str,
   method: str = 'standard',
   history_dtype: str | None = None,
+  truth_N: np.ndarray | None = None,
   checkpoint: StageCheckpoint | None = None,
 ) -> TrainedNetwork:
   """Trains a fresh network with `recipe` (config.aul or config.retrain) and `method`,
-  resuming from and saving to `checkpoint` when given."""
+  resuming from and saving to `checkpoint` when given. With `truth_N`, the AUL's AUROC
+  is reported every epoch."""
   num_examples = len(labels_N)
   model = models.get_model(
     config.model.name,
@@ -163,11 +172,16 @@ def train_network(
     'label': labels_N.astype(np.int32),
     'weight': np.asarray(weights_N, np.float32),
   }
+  if truth_N is not None:
+    train_data['is_mislabeled'] = np.asarray(truth_N, bool)
   state, aul_state, start_epoch = _resume(
     checkpoint,
     train.replicate(state, mesh),
     train.replicate(aul.init_aul_state(num_examples, recipe.epochs, history_dtype), mesh),
-    log,
+    progress,
+  )
+  progress.start_stage(
+    stage, recipe.epochs, start_epoch, checkpoint.step_offset if checkpoint else 0
   )
   state, aul_state = train.train_epochs(
     run_epoch,
@@ -177,10 +191,11 @@ def train_network(
     train_key,
     num_epochs=recipe.epochs,
     num_examples=num_examples,
-    log=log,
+    on_epoch=lambda epoch, metrics: progress.epoch(epoch, recipe.epochs, metrics),
     start_epoch=start_epoch,
     checkpoint=_saver(checkpoint, recipe.epochs),
   )
+  progress.end_stage()
   return TrainedNetwork(model, retrain.evaluated_state(state), aul_state)
 
 
@@ -210,28 +225,26 @@ def fit_mixture(aul_N: jax.Array, gmm_config: ml_collections.ConfigDict):
   return mixture, gmm.mislabel_probability(mixture, aul_N)
 
 
-def detect(config, dataset, labels_N, mesh, log: Log, checkpoint=None) -> Detection:
+def detect(config, dataset, noisy: NoisyLabels, mesh, progress: Progress, checkpoint=None):
   """Steps 1 and 2: the AUL of every example, and the mixture fitted to it."""
   network = train_network(
     config,
     config.aul,
     dataset,
-    labels_N,
-    np.ones(len(labels_N), np.float32),
+    noisy.labels,
+    np.ones(len(noisy.labels), np.float32),
     mesh,
     jax.random.key(config.seed),
-    log,
+    progress,
+    stage='aul',
     history_dtype=_history_dtype(config),
+    truth_N=noisy.is_mislabeled if noisy.injected else None,
     checkpoint=checkpoint,
   )
   mixture, p_N = fit_mixture(network.aul_state.aul_N, config.gmm)
-  return Detection(
-    network.aul_state.aul_N,
-    network.aul_state.history_TxN,
-    mixture,
-    p_N,
-    test_error(config, network, dataset, mesh),
-  )
+  error = test_error(config, network, dataset, mesh)
+  progress.scalar('aul/test_error', error, config.aul.epochs)
+  return Detection(network.aul_state.aul_N, network.aul_state.history_TxN, mixture, p_N, error)
 
 
 def _history_dtype(config) -> str | None:
@@ -249,12 +262,12 @@ def _restore_detection(config, checkpoint: StageCheckpoint, num_examples: int, m
 
 
 def retrain_network(
-  config, dataset, noisy: NoisyLabels, detection, mesh, log: Log, checkpoint=None
+  config, dataset, noisy: NoisyLabels, detection, mesh, progress: Progress, checkpoint=None
 ) -> float | None:
   """Step 3 (or a baseline): a network trained from scratch; returns its test error."""
   p_N = None if detection is None else train.to_host(detection.p_mislabeled_N)
   weights_N = retrain.example_weights(config.method, p_N, noisy.is_mislabeled)
-  log(f'retraining from scratch with method {config.method!r}')
+  progress.log(f'retraining from scratch with method {config.method!r}')
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   network = train_network(
     config,
@@ -264,11 +277,14 @@ def retrain_network(
     weights_N,
     mesh,
     key,
-    log,
+    progress,
+    stage='retrain',
     method=config.method,
     checkpoint=checkpoint,
   )
-  return test_error(config, network, dataset, mesh)
+  error = test_error(config, network, dataset, mesh)
+  progress.scalar('retrain/test_error', error, config.retrain.epochs)
+  return error
 
 
 def package_versions() -> dict[str, str]:
@@ -345,7 +361,7 @@ def _check_same_labels(checkpointer, resume, noisy: NoisyLabels) -> None:
     )
 
 
-def _train_and_detect(config, dataset, noisy, mesh, checkpointer, log: Log):
+def _train_and_detect(config, dataset, noisy, mesh, checkpointer, progress: Progress):
   """Detection (method 'aul') and retraining, resuming from the newest checkpoint."""
   resume = checkpointer.latest()
   _check_same_labels(checkpointer, resume, noisy)
@@ -356,7 +372,7 @@ def _train_and_detect(config, dataset, noisy, mesh, checkpointer, log: Log):
     if resume is not None and resume[1]['stage'] == 'retrain':
       detection = _restore_detection(config, aul_stage, len(noisy.labels), mesh)
     else:
-      detection = detect(config, dataset, noisy.labels, mesh, log, aul_stage)
+      detection = detect(config, dataset, noisy, mesh, progress, aul_stage)
   final_error = detection.test_error if detection is not None else None
   if config.retrain.epochs > 0:
     items, meta, offset = labels, {}, 0
@@ -365,7 +381,7 @@ def _train_and_detect(config, dataset, noisy, mesh, checkpointer, log: Log):
       items = {**labels, 'detection': finished}
       meta, offset = {'aul_test_error': detection.test_error}, config.aul.epochs
     stage = StageCheckpoint(checkpointer, 'retrain', offset, resume, items, meta)
-    final_error = retrain_network(config, dataset, noisy, detection, mesh, log, stage)
+    final_error = retrain_network(config, dataset, noisy, detection, mesh, progress, stage)
   return detection, final_error
 
 
@@ -410,8 +426,15 @@ def run(
     f'{dataset.name}: {len(noisy.labels)} training examples, {dataset.num_classes} classes, '
     f'{num_devices} device(s); noise {config.noise.kind} at {config.noise.rate}'
   )
-  with checkpointing.Checkpointer(workdir, config, force=force) as checkpointer:
-    detection, final_error = _train_and_detect(config, dataset, noisy, mesh, checkpointer, log)
+  primary = distributed.is_primary()
+  progress = progress_lib.Progress(
+    log,
+    workdir=workdir if config.tensorboard and primary else None,
+    interactive=None if primary else False,
+    log_every_epochs=config.log_every_epochs,
+  )
+  with progress, checkpointing.Checkpointer(workdir, config, force=force) as checkpointer:
+    detection, final_error = _train_and_detect(config, dataset, noisy, mesh, checkpointer, progress)
   scores, summary = _outputs(config, dataset, noisy, detection, final_error)
   summary.update(
     {
@@ -429,7 +452,7 @@ def run(
     mixture = train.to_host(detection.mixture)
     pictures = _figures(dataset, noisy, scores['aul'], mixture, history)
   extra = None if detection is None else {'ranked_issues.csv': report.ranked_issues(scores)}
-  if distributed.is_primary():
+  if primary:
     outputs.write_run_outputs(workdir, scores, summary, history, pictures, extra)
   log(
     f'{config.method}: '

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from aul_jax import augment, aul, losses
+from aul_jax import augment, aul, losses, metrics
 
 DATA_AXIS = 'data'
 
@@ -188,7 +188,8 @@ def make_train_epoch(
 ) -> Callable:
   """Compiles `run_epoch(state, aul_state, data, key, epoch) -> (state, aul_state, stats)`.
 
-  `data` holds replicated device arrays 'image' (N,H,W,C), 'label' (N,) and 'weight' (N,).
+  `data` holds replicated device arrays 'image' (N,H,W,C), 'label' (N,) and 'weight' (N,),
+  and optionally the truth 'is_mislabeled' (N,), which adds the AUL's AUROC to the stats.
   The per-example losses of each step are gathered over devices and scattered by index into
   the epoch's loss vector, which is folded into the donated AUL state. With `draw_weights`,
   `draw_weights(key, N)` replaces data['weight'] with fresh weights at every epoch.
@@ -242,7 +243,10 @@ def make_train_epoch(
     epoch = jnp.asarray(epoch, jnp.int32)
     epoch_key = jax.random.fold_in(key, epoch)
     state, epoch_loss_N, stats = sharded_epoch(state, data, epoch_key, epoch)
-    return state, aul.add_epoch(aul_state, epoch_loss_N, epoch), stats
+    aul_state = aul.add_epoch(aul_state, epoch_loss_N, epoch)
+    if 'is_mislabeled' in data:  # The truth is known: track the AUL's AUROC on the device.
+      stats['aul_auroc'] = metrics.auroc_on_device(aul_state.aul_N, data['is_mislabeled'])
+    return state, aul_state, stats
 
   return run_epoch
 
@@ -280,18 +284,22 @@ class DivergedError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
-def _log_epoch(epoch: int, stats: dict, num_examples: int, seconds: float, log: Callable) -> None:
+def _epoch_metrics(epoch: int, stats: dict, num_examples: int, seconds: float) -> dict:
+  """Host copies of an epoch's metrics; raises DivergedError on a non-finite loss."""
   stats = to_host(stats)
   if stats['first_nonfinite_step'] >= 0:
     raise DivergedError(
       f'non-finite training loss at epoch {epoch + 1}, step {int(stats["first_nonfinite_step"])}'
       ' (0-based within the epoch); lower the learning rate or check the inputs'
     )
-  log(
-    f'epoch {epoch + 1}: loss {stats["loss_sum"] / num_examples:.4f}, '
-    f'train accuracy {stats["correct"] / num_examples:.4f}, '
-    f'{num_examples / max(seconds, 1e-9):.0f} images/s'
-  )
+  metrics = {
+    'loss': float(stats['loss_sum']) / num_examples,
+    'accuracy': float(stats['correct']) / num_examples,
+    'images_per_s': num_examples / max(seconds, 1e-9),
+  }
+  if 'aul_auroc' in stats:
+    metrics['aul_auroc'] = float(stats['aul_auroc'])
+  return metrics
 
 
 def train_epochs(
@@ -303,29 +311,34 @@ def train_epochs(
   *,
   num_epochs: int,
   num_examples: int,
-  log: Callable[[str], None],
+  on_epoch: Callable[[int, dict[str, float]], None],
   start_epoch: int = 0,
   checkpoint: tuple[Callable[[int], bool], Callable[..., None]] | None = None,
 ) -> tuple[TrainState, aul.AULState]:
-  """Runs epochs start_epoch..num_epochs-1; metrics are read one epoch late so the device
-  never idles.
+  """Runs epochs start_epoch..num_epochs-1 and reports each as on_epoch(epoch, metrics).
 
-  `checkpoint = (due, save)`: after e epochs, if due(e), the epoch's metrics are checked
-  first (so a diverged state is never saved) and save(e, state, aul_state) is called.
-  Raises DivergedError naming the epoch and step of the first non-finite loss.
+  Metrics are read one epoch late so the device never idles. `checkpoint = (due, save)`:
+  after e epochs, if due(e), the epoch's metrics are checked first (so a diverged state is
+  never saved) and save(e, state, aul_state) is called. Raises DivergedError naming the
+  epoch and step of the first non-finite loss.
   """
-  pending, pending_start = None, 0.0
+
+  def report(pending):
+    epoch, stats, started = pending
+    on_epoch(epoch, _epoch_metrics(epoch, stats, num_examples, time.perf_counter() - started))
+
+  pending = None
   for epoch in range(start_epoch, num_epochs):
-    start = time.perf_counter()
+    started = time.perf_counter()
     state, aul_state, stats = run_epoch(state, aul_state, data, key, epoch)
     if pending is not None:
-      _log_epoch(*pending, time.perf_counter() - pending_start, log)
-    pending, pending_start = (epoch, stats, num_examples), start
+      report(pending)
+    pending = (epoch, stats, started)
     if checkpoint is not None and checkpoint[0](epoch + 1):
-      _log_epoch(*pending, time.perf_counter() - pending_start, log)
+      report(pending)
       pending = None
       checkpoint[1](epoch + 1, state, aul_state)
   if pending is not None:
     jax.block_until_ready(aul_state)
-    _log_epoch(*pending, time.perf_counter() - pending_start, log)
+    report(pending)
   return state, aul_state

@@ -50,7 +50,7 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.parametrize(
   'stop_after, occurrence',
-  [('epoch 1:', 1), ('epoch 3:', 1), ('retraining', 1), ('epoch 3:', 2)],
+  [('aul epoch 1/', 1), ('aul epoch 3/', 1), ('retraining', 1), ('retrain epoch 3/', 1)],
   ids=['aul-epoch1', 'aul-epoch3', 'retrain-start', 'retrain-epoch3'],
 )
 def test_stopped_and_resumed_run_is_identical(stop_after, occurrence, uninterrupted, tmp_path):
@@ -70,7 +70,7 @@ def test_baseline_resumes_identically(tmp_path):
   config = _config('standard')
   reference = pipeline.run(config, str(tmp_path / 'a'), log=lambda _: None)
   with pytest.raises(checkpointing.Preempted):
-    pipeline.run(config, str(tmp_path / 'b'), log=_stop_at('epoch 1:'))
+    pipeline.run(config, str(tmp_path / 'b'), log=_stop_at('retrain epoch 1/'))
   resumed = pipeline.run(config, str(tmp_path / 'b'), log=lambda _: None)
   assert resumed['test_error'] == reference['test_error']
   assert (tmp_path / 'a/scores.csv').read_bytes() == (tmp_path / 'b/scores.csv').read_bytes()
@@ -78,7 +78,7 @@ def test_baseline_resumes_identically(tmp_path):
 
 def test_config_mismatch_is_refused_with_the_differing_fields(tmp_path):
   with pytest.raises(checkpointing.Preempted):
-    pipeline.run(_config(), str(tmp_path), log=_stop_at('epoch 1:'))
+    pipeline.run(_config(), str(tmp_path), log=_stop_at('aul epoch 1/'))
   changed = _config()
   changed.aul.learning_rate = 0.05
   changed.noise.rate = 0.2
@@ -91,7 +91,7 @@ def test_config_mismatch_is_refused_with_the_differing_fields(tmp_path):
 
 def test_force_continues_with_the_new_config(tmp_path):
   with pytest.raises(checkpointing.Preempted):
-    pipeline.run(_config(), str(tmp_path), log=_stop_at('epoch 1:'))
+    pipeline.run(_config(), str(tmp_path), log=_stop_at('aul epoch 1/'))
   changed = _config()
   changed.eval_batch_size = 60
   summary = pipeline.run(changed, str(tmp_path), log=lambda _: None, force=True)
@@ -113,7 +113,7 @@ def test_finished_run_is_not_redone(tmp_path):
 
 def test_changed_labels_are_refused(tmp_path):
   with pytest.raises(checkpointing.Preempted):
-    pipeline.run(_config(), str(tmp_path), log=_stop_at('epoch 1:'))
+    pipeline.run(_config(), str(tmp_path), log=_stop_at('aul epoch 1/'))
   changed = _config()
   changed.data.split_seed = 1  # Other examples in the training split: other labels.
   with pytest.raises(UserInputError, match='training labels differ'):
@@ -151,11 +151,11 @@ def test_sigterm_from_outside_saves_and_exits_nonzero(tmp_path):
     'import os, signal, sys; sys.argv[1:] = ["--config=configs/digits.py", '
     f'"--workdir={tmp_path}", "--config.aul.epochs=200", "--config.checkpoint.every_epochs=0"];'
     'import launch; from absl import app;'
-    'orig = launch.pipeline.train._log_epoch\n'
-    'def log_epoch(epoch, *a):\n'
+    'orig = launch.pipeline.train._epoch_metrics\n'
+    'def epoch_metrics(epoch, *a):\n'
     '  if epoch == 2: os.kill(os.getpid(), signal.SIGTERM)\n'
     '  return orig(epoch, *a)\n'
-    'launch.pipeline.train._log_epoch = log_epoch\n'
+    'launch.pipeline.train._epoch_metrics = epoch_metrics\n'
     'app.run(launch.main)'
   )
   result = subprocess.run(

@@ -58,7 +58,7 @@ def _run(num_devices, model, data, *, epochs=2, learning_rate=0.1, augment_image
     jax.random.key(1),
     num_epochs=epochs,
     num_examples=NUM_EXAMPLES,
-    log=lambda _: None,
+    on_epoch=lambda epoch, metrics: None,
   )
 
 
