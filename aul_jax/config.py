@@ -9,6 +9,7 @@ from aul_jax.errors import UserInputError
 
 HISTORY_DTYPES = ('float32', 'bfloat16', 'float16')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+INPUT_MODES = ('device', 'stream')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -17,6 +18,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Initialisation, shuffling and augmentation; the noise has its own seed.
   config.method = 'aul'  # Or a baseline: standard, oracle, random, reed_hard, coteaching.
   config.data = data.default_data_config()
+  # 'device': the training images live on the accelerator and an epoch is one compiled
+  # program. 'stream': they stay in host memory and each step's batch is sent over, for
+  # data sets larger than device memory.
+  config.data.input = 'device'
   config.noise = ml_collections.ConfigDict({'kind': 'uniform', 'rate': 0.4, 'seed': 0})
   config.model = ml_collections.ConfigDict({'name': 'resnet32', 'dtype': 'float32'})
   # The AUL run: SGD, constant learning rate, AUL taken before any learning-rate drop.
@@ -96,6 +101,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _validate_recipe(config.aul, 'aul', num_devices, min_epochs=1)
   _validate_recipe(config.retrain, 'retrain', num_devices, min_epochs=0)
   _validate_checkpoint(config.checkpoint)
+  _require(
+    config.data.input in INPUT_MODES,
+    f'data.input={config.data.input!r}; expected one of {INPUT_MODES}',
+  )
   distributed.validate(config.distributed)
   _require(
     config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0,

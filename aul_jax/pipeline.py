@@ -159,19 +159,19 @@ def train_network(
     config.retrain,
     config.noise.rate,
   )
-  run_epoch = train.make_train_epoch(
-    step,
-    mesh,
-    num_examples=num_examples,
-    batch_size=recipe.batch_size,
-    augment_images=dataset.augment,
-    draw_weights=retrain.draw_weights(method),
-  )
-  train_data = {
-    'image': dataset.x_train,
-    'label': labels_N.astype(np.int32),
-    'weight': np.asarray(weights_N, np.float32),
+  epoch_options = {
+    'num_examples': num_examples,
+    'batch_size': recipe.batch_size,
+    'augment_images': dataset.augment,
+    'draw_weights': retrain.draw_weights(method),
   }
+  train_data = {'label': labels_N.astype(np.int32), 'weight': np.asarray(weights_N, np.float32)}
+  if config.data.input == 'stream':
+    load_images = dataset.x_train.__getitem__
+    run_epoch = train.make_streamed_train_epoch(step, mesh, load_images, **epoch_options)
+  else:
+    run_epoch = train.make_train_epoch(step, mesh, **epoch_options)
+    train_data['image'] = dataset.x_train
   if truth_N is not None:
     train_data['is_mislabeled'] = np.asarray(truth_N, bool)
   state, aul_state, start_epoch = _resume(

@@ -5,6 +5,7 @@ The per-device programming model is pmap's (collectives over a 'data' axis), wri
 (shuffle, augmentation, every step, the AUL scatter) is one `lax.scan`, one host dispatch.
 """
 
+import concurrent.futures
 import functools
 import math
 import time
@@ -168,13 +169,71 @@ def device_slice(x_B: jax.Array, local_batch: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(x_B, start, local_batch)
 
 
-def _gather_batch(data, index_b, mask_b, key_b, augment_images: bool) -> dict[str, jax.Array]:
-  """Gathers (and augments) this device's examples from the device-resident data."""
-  images = data['image'][index_b]
+def _initial_stats() -> dict[str, jax.Array]:
+  return {
+    'loss_sum': jnp.zeros((), jnp.float32),
+    'correct': jnp.zeros((), jnp.int32),
+    'first_nonfinite_step': jnp.array(-1, jnp.int32),
+  }
+
+
+def _epoch_keys(key: jax.Array, epoch: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(order, augmentation, weight) keys of an epoch: the same on every path and device."""
+  order_key, augment_key, weight_key = jax.random.split(jax.random.fold_in(key, epoch), 3)
+  return order_key, augment_key, weight_key
+
+
+def _step_and_scatter(
+  carry,
+  images_b,
+  index_B,
+  mask_B,
+  step,
+  augment_key,
+  data,
+  epoch,
+  *,
+  step_fn,
+  batch_size,
+  augment_images,
+):
+  """Per-device code of one step, shared by the device-resident and the streamed epochs.
+
+  Augments this device's images with per-example keys of their global batch position,
+  trains, gathers the global batch's per-example losses and scatters them by index.
+  """
+  state, epoch_loss_N, stats = carry
+  local_batch = images_b.shape[0]
+  index_b, mask_b = device_slice(index_B, local_batch), device_slice(mask_B, local_batch)
   if augment_images:
-    images = augment.augment_batch(images, key_b)
-  weight = jnp.where(mask_b, data['weight'][index_b], 0.0)
-  return {'image': images, 'label': data['label'][index_b], 'weight': weight}
+    keys_B = jax.random.split(jax.random.fold_in(augment_key, step), batch_size)
+    images_b = augment.augment_batch(images_b, device_slice(keys_B, local_batch))
+  batch = {
+    'image': images_b,
+    'label': data['label'][index_b],
+    'weight': jnp.where(mask_b, data['weight'][index_b], 0.0),
+  }
+  state, metrics = step_fn(state, batch, epoch)
+  loss_B = jax.lax.all_gather(metrics['loss'], DATA_AXIS, tiled=True, to='invarying')
+  correct_B = jax.lax.all_gather(metrics['correct'], DATA_AXIS, tiled=True, to='invarying')
+  epoch_loss_N = aul.scatter_losses(epoch_loss_N, index_B, loss_B, mask_B)
+  finite = jnp.all(jnp.isfinite(jnp.where(mask_B, loss_B, 0.0)))
+  stats = {
+    'loss_sum': stats['loss_sum'] + jnp.sum(jnp.where(mask_B, loss_B, 0.0)),
+    'correct': stats['correct'] + jnp.sum(mask_B & correct_B),
+    'first_nonfinite_step': jnp.where(
+      (stats['first_nonfinite_step'] < 0) & ~finite, step, stats['first_nonfinite_step']
+    ),
+  }
+  return state, epoch_loss_N, stats
+
+
+def _finish_epoch(aul_state, epoch_loss_N, stats, data, epoch):
+  """Folds the epoch into the AUL state; with the truth known, adds the AUL's AUROC."""
+  aul_state = aul.add_epoch(aul_state, epoch_loss_N, epoch)
+  if 'is_mislabeled' in data:
+    stats = {**stats, 'aul_auroc': metrics.auroc_on_device(aul_state.aul_N, data['is_mislabeled'])}
+  return aul_state, stats
 
 
 def make_train_epoch(
@@ -190,47 +249,29 @@ def make_train_epoch(
 
   `data` holds replicated device arrays 'image' (N,H,W,C), 'label' (N,) and 'weight' (N,),
   and optionally the truth 'is_mislabeled' (N,), which adds the AUL's AUROC to the stats.
-  The per-example losses of each step are gathered over devices and scattered by index into
-  the epoch's loss vector, which is folded into the donated AUL state. With `draw_weights`,
-  `draw_weights(key, N)` replaces data['weight'] with fresh weights at every epoch.
+  The whole epoch is one `lax.scan`. The per-example losses of each step are gathered over
+  devices and scattered by index into the epoch's loss vector, which is folded into the
+  donated AUL state. With `draw_weights`, `draw_weights(key, N)` replaces data['weight']
+  with fresh weights at every epoch.
   """
   local_batch = batch_size // mesh.shape[DATA_AXIS]
+  one_step = functools.partial(
+    _step_and_scatter, step_fn=step_fn, batch_size=batch_size, augment_images=augment_images
+  )
 
   def per_device_epoch(state, data, key, epoch):
-    order_key, augment_key, weight_key = jax.random.split(key, 3)
+    order_key, augment_key, weight_key = _epoch_keys(key, epoch)
     if draw_weights is not None:
       data = {**data, 'weight': draw_weights(weight_key, num_examples)}
     index_SxB, mask_SxB = epoch_order(order_key, num_examples, batch_size)
 
     def body(carry, step_inputs):
-      state, epoch_loss_N, stats = carry
       step, index_B, mask_B = step_inputs
-      keys_B = jax.random.split(jax.random.fold_in(augment_key, step), batch_size)
-      index_b, mask_b = device_slice(index_B, local_batch), device_slice(mask_B, local_batch)
-      batch = _gather_batch(
-        data, index_b, mask_b, device_slice(keys_B, local_batch), augment_images
-      )
-      state, metrics = step_fn(state, batch, epoch)
-      loss_B = jax.lax.all_gather(metrics['loss'], DATA_AXIS, tiled=True, to='invarying')
-      correct_B = jax.lax.all_gather(metrics['correct'], DATA_AXIS, tiled=True, to='invarying')
-      epoch_loss_N = aul.scatter_losses(epoch_loss_N, index_B, loss_B, mask_B)
-      finite = jnp.all(jnp.isfinite(jnp.where(mask_B, loss_B, 0.0)))
-      stats = {
-        'loss_sum': stats['loss_sum'] + jnp.sum(jnp.where(mask_B, loss_B, 0.0)),
-        'correct': stats['correct'] + jnp.sum(mask_B & correct_B),
-        'first_nonfinite_step': jnp.where(
-          (stats['first_nonfinite_step'] < 0) & ~finite, step, stats['first_nonfinite_step']
-        ),
-      }
-      return (state, epoch_loss_N, stats), None
+      images_b = data['image'][device_slice(index_B, local_batch)]
+      return one_step(carry, images_b, index_B, mask_B, step, augment_key, data, epoch), None
 
-    stats = {
-      'loss_sum': jnp.zeros((), jnp.float32),
-      'correct': jnp.zeros((), jnp.int32),
-      'first_nonfinite_step': jnp.array(-1, jnp.int32),
-    }
+    carry = (state, jnp.zeros((num_examples,), jnp.float32), _initial_stats())
     steps = jnp.arange(index_SxB.shape[0])
-    carry = (state, jnp.zeros((num_examples,), jnp.float32), stats)
     (state, epoch_loss_N, stats), _ = jax.lax.scan(body, carry, (steps, index_SxB, mask_SxB))
     return state, epoch_loss_N, stats
 
@@ -241,11 +282,85 @@ def make_train_epoch(
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def run_epoch(state, aul_state, data, key, epoch):
     epoch = jnp.asarray(epoch, jnp.int32)
-    epoch_key = jax.random.fold_in(key, epoch)
-    state, epoch_loss_N, stats = sharded_epoch(state, data, epoch_key, epoch)
-    aul_state = aul.add_epoch(aul_state, epoch_loss_N, epoch)
-    if 'is_mislabeled' in data:  # The truth is known: track the AUL's AUROC on the device.
-      stats['aul_auroc'] = metrics.auroc_on_device(aul_state.aul_N, data['is_mislabeled'])
+    state, epoch_loss_N, stats = sharded_epoch(state, data, key, epoch)
+    aul_state, stats = _finish_epoch(aul_state, epoch_loss_N, stats, data, epoch)
+    return state, aul_state, stats
+
+  return run_epoch
+
+
+def make_streamed_train_epoch(
+  step_fn: StepFn,
+  mesh: jax.sharding.Mesh,
+  load_images: Callable[[np.ndarray], np.ndarray],
+  *,
+  num_examples: int,
+  batch_size: int,
+  augment_images: bool,
+  draw_weights: Callable[[jax.Array, int], jax.Array] | None = None,
+) -> Callable:
+  """Like make_train_epoch, for images that stay on the host: one dispatch per step.
+
+  `load_images(indices)` returns the (n, H, W, C) images of those example indices. Each
+  process loads only the rows of its own devices' slice of every batch, one step ahead
+  of the device. The same per-device step code, epoch order, keys and example indices as
+  the device-resident path give the same AUL. `data` holds 'label', 'weight' (and
+  optionally 'is_mislabeled') on the device; it has no 'image'.
+  """
+  batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  one_step = functools.partial(
+    _step_and_scatter, step_fn=step_fn, batch_size=batch_size, augment_images=augment_images
+  )
+  sharded_step = jax.shard_map(
+    lambda carry, images_b, *rest: one_step(carry, images_b, *rest),
+    mesh=mesh,
+    in_specs=(P(), P(DATA_AXIS), P(), P(), P(), P(), P(), P()),
+    out_specs=P(),
+  )
+  compiled_step = jax.jit(sharded_step, donate_argnums=(0,))
+
+  @jax.jit
+  def start_epoch(data, key, epoch):
+    order_key, augment_key, weight_key = _epoch_keys(key, epoch)
+    if draw_weights is not None:
+      data = {**data, 'weight': draw_weights(weight_key, num_examples)}
+    index_SxB, mask_SxB = epoch_order(order_key, num_examples, batch_size)
+    zeros = jnp.zeros((num_examples,), jnp.float32)
+    return data, index_SxB, mask_SxB, augment_key, zeros, _initial_stats()
+
+  finish = jax.jit(_finish_epoch, donate_argnums=(0,))
+
+  def device_batch(index_B: np.ndarray) -> jax.Array:
+    """The images of a global batch as a data-sharded array; each process loads its rows."""
+    example = load_images(index_B[:1])
+    shape = (len(index_B), *example.shape[1:])
+    return jax.make_array_from_callback(
+      shape, batch_sharding, lambda where: load_images(index_B[where[0]]).astype(np.float32)
+    )
+
+  def run_epoch(state, aul_state, data, key, epoch):
+    epoch = jnp.asarray(epoch, jnp.int32)
+    data, index_SxB, mask_SxB, augment_key, epoch_loss_N, stats = start_epoch(data, key, epoch)
+    index_host = to_host(index_SxB)
+    carry = (state, epoch_loss_N, stats)
+    with concurrent.futures.ThreadPoolExecutor(1) as loader:
+      next_images = loader.submit(device_batch, index_host[0])
+      for step in range(len(index_host)):
+        images = next_images.result()
+        if step + 1 < len(index_host):
+          next_images = loader.submit(device_batch, index_host[step + 1])
+        carry = compiled_step(
+          carry,
+          images,
+          index_SxB[step],
+          mask_SxB[step],
+          jnp.int32(step),
+          augment_key,
+          data,
+          epoch,
+        )
+    state, epoch_loss_N, stats = carry
+    aul_state, stats = finish(aul_state, epoch_loss_N, stats, data, epoch)
     return state, aul_state, stats
 
   return run_epoch

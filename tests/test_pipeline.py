@@ -140,3 +140,15 @@ def test_four_devices_run_the_pipeline(tmp_path):
   summary = pipeline.run(config, str(tmp_path), log=lambda _: None)
   assert len(summary['devices']) == 4
   assert summary['n_train'] == 1437
+
+
+def test_streamed_input_gives_the_same_scores(tmp_path):
+  scores = {}
+  for mode in ('device', 'stream'):
+    config = load_config('digits')
+    config.aul.epochs = 2
+    config.retrain.epochs = 1
+    config.data.input = mode
+    pipeline.run(config, str(tmp_path / mode), log=lambda _: None)
+    scores[mode] = np.genfromtxt(tmp_path / mode / 'scores.csv', delimiter=',', names=True)
+  np.testing.assert_allclose(scores['stream']['aul'], scores['device']['aul'], rtol=1e-5)

@@ -156,3 +156,43 @@ def test_augmentation_is_a_shifted_crop_or_its_mirror():
     assert any(np.array_equal(crop, c) or np.array_equal(crop, c[:, ::-1]) for c in candidates)
   assert len({o.tobytes() for o in out}) > 8  # Different keys, different crops.
   np.testing.assert_array_equal(out, augment.augment_batch(jnp.repeat(image, 16, 0), keys))
+
+
+@pytest.mark.parametrize('num_devices, augment_images', [(1, False), (4, True)])
+def test_streamed_epochs_match_device_resident_epochs(num_devices, augment_images):
+  shape = (32, 32, 3) if augment_images else (8, 8, 1)
+  data = _data(shape)
+  _, resident = _run(num_devices, TinyNet(), data, augment_images=augment_images)
+  mesh = train_lib.make_mesh(jax.devices()[:num_devices])
+  optimizer = train_lib.make_optimizer(
+    learning_rate=0.1, momentum=0.9, weight_decay=1e-4, steps_per_epoch=4
+  )
+  state = train_lib.create_train_state(TinyNet(), optimizer, shape, jax.random.key(0))
+  loaded = []
+
+  def load_images(indices):
+    loaded.append(len(indices))
+    return data['image'][indices]
+
+  run_epoch = train_lib.make_streamed_train_epoch(
+    train_lib.make_step(TinyNet(), optimizer),
+    mesh,
+    load_images,
+    num_examples=NUM_EXAMPLES,
+    batch_size=BATCH,
+    augment_images=augment_images,
+  )
+  small = {k: v for k, v in data.items() if k != 'image'}
+  _, streamed = train_lib.train_epochs(
+    run_epoch,
+    train_lib.replicate(state, mesh),
+    train_lib.replicate(aul.init_aul_state(NUM_EXAMPLES, 2, 'float32'), mesh),
+    train_lib.replicate(small, mesh),
+    jax.random.key(1),
+    num_epochs=2,
+    num_examples=NUM_EXAMPLES,
+    on_epoch=lambda epoch, metrics: None,
+  )
+  np.testing.assert_allclose(np.asarray(streamed.aul_N), np.asarray(resident.aul_N), rtol=1e-5)
+  # Each device's loader call fetches only that device's slice of a batch.
+  assert max(loaded) == BATCH // num_devices
