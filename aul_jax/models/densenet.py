@@ -1,6 +1,5 @@
 """DenseNets of Huang et al. (2017): DenseNet-BC for CIFAR and the ImageNet DenseNet-121."""
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,11 +8,9 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 
 from aul_jax.errors import UserInputError
+from aul_jax.models import layers
 
 ModuleDef = Any
-
-# He normal, fan_out, untruncated: torchvision's kaiming_normal_(mode='fan_out').
-he_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _avg_pool2(x: jnp.ndarray) -> jnp.ndarray:
@@ -64,18 +61,8 @@ class DenseNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
-    conv = functools.partial(
-      nn.Conv, use_bias=False, kernel_init=he_conv_init, dtype=self.dtype, param_dtype=jnp.float32
-    )
-    norm = functools.partial(
-      nn.BatchNorm,
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=1e-5,
-      axis_name=self.bn_axis_name,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-    )
+    conv = layers.conv(self.dtype)
+    norm = layers.batch_norm(train, self.bn_axis_name, self.dtype)
     x = self._stem(jnp.asarray(x, self.dtype), conv, norm)
     for i, num_layers in enumerate(self.block_sizes):
       for _ in range(num_layers):

@@ -6,8 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.typing import Dtype
 
-# He normal, fan_out, untruncated: torchvision's kaiming_normal_(mode='fan_out').
-he_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+from aul_jax.models import layers
 
 
 class LeNet(nn.Module):
@@ -21,7 +20,11 @@ class LeNet(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
     del train  # No dropout or BatchNorm.
     conv = functools.partial(
-      nn.Conv, padding='SAME', kernel_init=he_conv_init, dtype=self.dtype, param_dtype=jnp.float32
+      nn.Conv,
+      padding='SAME',
+      kernel_init=layers.he_conv_init,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
     )
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
     x = jnp.asarray(x, self.dtype)

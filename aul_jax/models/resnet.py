@@ -4,7 +4,6 @@ Shortcuts are the paper's option A (parameter-free): strided subsampling plus ze
 channels, which is what gives ResNet-20 its 0.27M parameters.
 """
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,11 +12,9 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 
 from aul_jax.errors import UserInputError
+from aul_jax.models import layers
 
 ModuleDef = Any
-
-# He normal, fan_out, untruncated: torchvision's kaiming_normal_(mode='fan_out').
-he_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 class BasicBlock(nn.Module):
@@ -55,18 +52,8 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
-    conv = functools.partial(
-      nn.Conv, use_bias=False, kernel_init=he_conv_init, dtype=self.dtype, param_dtype=jnp.float32
-    )
-    norm = functools.partial(
-      nn.BatchNorm,
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=1e-5,
-      axis_name=self.bn_axis_name,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-    )
+    conv = layers.conv(self.dtype)
+    norm = layers.batch_norm(train, self.bn_axis_name, self.dtype)
     x = jnp.asarray(x, self.dtype)
     x = nn.relu(norm()(conv(self.widths[0], (3, 3), padding=1)(x)))
     for stage, features in enumerate(self.widths):
