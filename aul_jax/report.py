@@ -56,3 +56,18 @@ def ranked_issues(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     'p_mislabeled': columns['p_mislabeled'][order],
     'label_issue': columns['label_issue'][order],
   }
+
+
+def as_pred_probs(labels_N: np.ndarray, label_quality_N: np.ndarray, num_classes: int):
+  """(N, K) probabilities for cleanlab whose self-confidence equals `label_quality_N`.
+
+  The given label gets probability label_quality and the other classes share the rest
+  equally, so cleanlab's `get_label_quality_scores(labels, pred_probs,
+  method='self_confidence')` returns aul_jax's scores and its reports rank as we do.
+  """
+  labels_N = np.asarray(labels_N, np.int64)
+  quality_N = np.asarray(label_quality_N, np.float64)
+  other = (1.0 - quality_N) / max(num_classes - 1, 1)
+  pred_probs = np.repeat(other[:, None], num_classes, axis=1)
+  pred_probs[np.arange(len(labels_N)), labels_N] = quality_N
+  return pred_probs

@@ -133,3 +133,12 @@ def test_bad_labels_and_truth_are_named(tmp_path):
     )
   with pytest.raises(UserInputError, match='--logits needs --labels'):
     score.score_files(str(tmp_path / 'out'), logits=str(tmp_path / 'logits.npy'))
+
+
+def test_pred_probs_for_cleanlab_have_our_label_quality_as_self_confidence():
+  labels = np.array([0, 2, 1, 2])
+  quality = np.array([0.9, 0.1, 0.5, 1.0])
+  pred_probs = report.as_pred_probs(labels, quality, num_classes=3)
+  np.testing.assert_allclose(pred_probs.sum(1), 1.0)
+  np.testing.assert_allclose(pred_probs[np.arange(4), labels], quality)
+  np.testing.assert_allclose(pred_probs[1], [0.45, 0.45, 0.1])
