@@ -4,6 +4,7 @@ Any config field can be overridden, e.g. `--config.noise.rate=0.2 --config.model
 """
 
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -21,12 +22,19 @@ _FORCE = flags.DEFINE_bool(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _log(message: str) -> None:
+  """Progress lines for people, on stderr; library chatter stays at absl's --verbosity."""
+  print(f'{time.strftime("%H:%M:%S")} {message}', file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Keep orbax's and JAX's INFO chatter out.
   try:
     distributed.initialize(_CONFIG.value.distributed)
-    log = logging.info if distributed.is_primary() else lambda _: None
+    log = _log if distributed.is_primary() else lambda _: None
     pipeline.run(_CONFIG.value, _WORKDIR.value, log=log, force=_FORCE.value)
   except UserInputError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -41,5 +49,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
-  logging.set_verbosity(logging.INFO)
   app.run(main)

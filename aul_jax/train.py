@@ -399,9 +399,13 @@ class DivergedError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
-def _epoch_metrics(epoch: int, stats: dict, num_examples: int, seconds: float) -> dict:
-  """Host copies of an epoch's metrics; raises DivergedError on a non-finite loss."""
+def _epoch_metrics(epoch: int, stats: dict, num_examples: int, started: float) -> dict:
+  """Host copies of an epoch's metrics; raises DivergedError on a non-finite loss.
+
+  Throughput is measured from the epoch's dispatch to the arrival of its metrics.
+  """
   stats = to_host(stats)
+  seconds = time.perf_counter() - started
   if stats['first_nonfinite_step'] >= 0:
     raise DivergedError(
       f'non-finite training loss at epoch {epoch + 1}, step {int(stats["first_nonfinite_step"])}'
@@ -440,7 +444,7 @@ def train_epochs(
 
   def report(pending):
     epoch, stats, started = pending
-    on_epoch(epoch, _epoch_metrics(epoch, stats, num_examples, time.perf_counter() - started))
+    on_epoch(epoch, _epoch_metrics(epoch, stats, num_examples, started))
 
   pending = None
   for epoch in range(start_epoch, num_epochs):
