@@ -1,0 +1,499 @@
+"""Images/s of the AUL train step, against the same architecture and recipe in PyTorch.
+
+The JAX side is the library's compiled epoch (`train.make_train_epoch` over `train.make_step`:
+one `lax.scan` under `jax.shard_map`, per-example losses scattered into the AUL accumulator).
+The PyTorch side runs the same architecture, SGD (momentum 0.9, weight decay), train-mode
+BatchNorm, and per-example cross-entropy (reduction='none') scattered by index into an
+accumulator tensor, in NCHW and in channels_last; the faster layout is `torch_images_per_s`.
+Both see random 32x32x3 data, are warmed up, and are timed interleaved epoch by epoch.
+
+  .venv/bin/python benchmarks/train_throughput.py --model resnet20
+
+`--conv-impl` selects the convolution's backward pass (see docs/benchmarks.md):
+  canonical_vjp  (default) a custom VJP whose input and weight gradients are convolutions
+                 already in XLA:CPU's canonical layout. Inside a scan (a while loop) XLA:CPU
+                 does not canonicalise lax's own gradient convolutions and runs them ~100x
+                 slower.
+  library        the models exactly as aul_jax builds them.
+  im2col_vjp     as canonical_vjp, but the weight gradient is im2col patches times a matmul.
+A comma-separated list of impls (and of `--dtype`s) times every pair in the same run; the
+first pair is the headline `images_per_s`.
+"""
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import flax.linen.linear as flax_linear
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from aul_jax import aul, models, train
+from benchmarks import common
+
+MODELS = ('mlp', 'lenet', 'resnet20', 'resnet32')
+CONV_IMPLS = ('canonical_vjp', 'library', 'im2col_vjp')
+DTYPES = ('float32', 'bfloat16')
+NUM_CLASSES = 10
+IMAGE_SHAPE = (32, 32, 3)
+LEARNING_RATE = 0.01
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+# The convolution experiments: drop-in replacements for lax.conv_general_dilated.
+
+
+def _explicit_pads(x_shape, w_shape, strides, padding) -> tuple[tuple[int, int], ...]:
+  if isinstance(padding, str):
+    return tuple(lax.padtype_to_pads(x_shape[1:3], w_shape[:2], strides, padding))
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def input_grad_canonical(dy_NxHoxWoxO, w_KxKxCxO, x_shape, strides, pads) -> jax.Array:
+  """dx as one convolution of dy (dilated by the stride) with the flipped kernel, in HWIO.
+
+  lax's own transpose gives the same convolution with the kernel as 01oi, which XLA:CPU does
+  not canonicalise inside a loop; with the (tiny) kernel transposed explicitly it is HWIO.
+  """
+  w_KxKxOxC = jnp.transpose(jnp.flip(w_KxKxCxO, (0, 1)), (0, 1, 3, 2))
+  dx_pads = []
+  for d in range(2):
+    k, lo = w_KxKxCxO.shape[d], pads[d][0]
+    before = k - 1 - lo
+    after = x_shape[1 + d] + k - 1 - ((dy_NxHoxWoxO.shape[1 + d] - 1) * strides[d] + 1) - before
+    dx_pads.append((before, after))
+  return lax.conv_general_dilated(
+    dy_NxHoxWoxO, w_KxKxOxC, (1, 1), dx_pads, lhs_dilation=strides, dimension_numbers=NHWC
+  )
+
+
+def weight_grad_canonical(x_NxHxWxC, dy_NxHoxWoxO, w_shape, strides, pads) -> jax.Array:
+  """dW as one convolution over the batch, with operands transposed to canonical b01f/01io.
+
+  dW[i, j, c, o] = sum_{n,h,w} x_pad[n, s*h + i, s*w + j, c] * dy[n, h, w, o]: the input, with
+  C as its batch and N as its feature dimension, convolved with dy dilated by the stride.
+  """
+  lhs_CxHxWxN = jnp.transpose(x_NxHxWxC, (3, 1, 2, 0))
+  rhs_HoxWoxNxO = jnp.transpose(dy_NxHoxWoxO, (1, 2, 0, 3))
+  grad_pads = []
+  for d in range(2):
+    lo = pads[d][0]
+    # Chosen so that the output's spatial size is exactly the kernel's.
+    hi = w_shape[d] + (dy_NxHoxWoxO.shape[1 + d] - 1) * strides[d] - x_NxHxWxC.shape[1 + d] - lo
+    grad_pads.append((lo, hi))
+  dw_CxKxKxO = lax.conv_general_dilated(
+    lhs_CxHxWxN, rhs_HoxWoxNxO, (1, 1), grad_pads, rhs_dilation=strides, dimension_numbers=NHWC
+  )
+  return jnp.transpose(dw_CxKxKxO, (1, 2, 0, 3))
+
+
+def weight_grad_im2col(x_NxHxWxC, dy_NxHoxWoxO, w_shape, strides, pads) -> jax.Array:
+  """dW as im2col patches (N*Ho*Wo, kh*kw*C) transposed times dy (N*Ho*Wo, O)."""
+  kh, kw, c, o = w_shape
+  n, ho, wo, _ = dy_NxHoxWoxO.shape
+  x_pad = jnp.pad(x_NxHxWxC, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  (sh, sw), (eh, ew) = strides, (strides[0] * (ho - 1) + 1, strides[1] * (wo - 1) + 1)
+  taps = [x_pad[:, i : i + eh : sh, j : j + ew : sw] for i in range(kh) for j in range(kw)]
+  patches_MxK = jnp.concatenate(taps, axis=-1).reshape(n * ho * wo, kh * kw * c)
+  return (patches_MxK.T @ dy_NxHoxWoxO.reshape(-1, o)).reshape(kh, kw, c, o)
+
+
+def make_conv_general_dilated(weight_grad: Callable) -> Callable:
+  """A lax.conv_general_dilated whose NHWC/HWIO, undilated, ungrouped case has a custom VJP.
+
+  The input gradient is `input_grad_canonical`; the weight gradient is
+  `weight_grad(x, dy, w_shape, strides, pads)`. Every other case falls back to lax.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+  def conv(x, w, strides, pads):
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=NHWC)
+
+  def conv_fwd(x, w, strides, pads):
+    return conv(x, w, strides, pads), (x, w)
+
+  def conv_bwd(strides, pads, residuals, dy):
+    x, w = residuals
+    dx = input_grad_canonical(dy, w, x.shape, strides, pads)
+    return dx.astype(x.dtype), weight_grad(x, dy, w.shape, strides, pads).astype(w.dtype)
+
+  conv.defvjp(conv_fwd, conv_bwd)
+
+  def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+  ):
+    plain = (
+      lhs.ndim == 4
+      and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+      == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+      and all(d == 1 for d in (lhs_dilation or (1,)) + (rhs_dilation or (1,)))
+      and feature_group_count == 1
+      and batch_group_count == 1
+      and preferred_element_type is None
+    )
+    if not plain:
+      return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        batch_group_count,
+        precision,
+        preferred_element_type,
+      )
+    strides = tuple(int(s) for s in window_strides)
+    lhs, rhs = _same_varying_axes(lhs, rhs)
+    return conv(lhs, rhs, strides, _explicit_pads(lhs.shape, rhs.shape, strides, padding))
+
+  return conv_general_dilated
+
+
+def _varying_axes(x: jax.Array) -> tuple:
+  mat = getattr(jax.typeof(x), 'mat', None)
+  return tuple(getattr(mat, 'varying', ()))
+
+
+def _same_varying_axes(*xs: jax.Array) -> list[jax.Array]:
+  """Under shard_map, marks each operand varying over every axis any operand varies over.
+
+  A custom VJP's weight gradient must have its weight's type; as for lax's own convolution,
+  the transpose of this cast is the psum of the per-device weight gradients.
+  """
+  axes = {a for x in xs for a in _varying_axes(x)}
+  out = []
+  for x in xs:
+    missing = tuple(sorted(axes - set(_varying_axes(x))))
+    out.append(lax.pcast(x, missing, to='varying') if missing else x)
+  return out
+
+
+class _LaxWithConv:
+  """jax.lax, except for conv_general_dilated."""
+
+  def __init__(self, conv_general_dilated: Callable):
+    self.conv_general_dilated = conv_general_dilated
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(lax, name)
+
+
+@contextlib.contextmanager
+def conv_impl(name: str) -> Iterator[None]:
+  """While active (i.e. while a model is traced), flax's nn.Conv uses convolution `name`."""
+  if name == 'library':
+    yield
+    return
+  weight_grad = {'canonical_vjp': weight_grad_canonical, 'im2col_vjp': weight_grad_im2col}[name]
+  with mock.patch.object(flax_linear, 'lax', _LaxWithConv(make_conv_general_dilated(weight_grad))):
+    yield
+
+
+# The JAX side.
+
+
+def random_data(num_examples: int, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {
+    'image': rng.normal(size=(num_examples, *IMAGE_SHAPE)).astype(np.float32),
+    'label': rng.integers(0, NUM_CLASSES, num_examples).astype(np.int32),
+    'weight': np.ones(num_examples, np.float32),
+  }
+
+
+class JaxEpoch:
+  """One call = one compiled AUL epoch of `steps` steps (shuffle, steps, loss scatter)."""
+
+  def __init__(self, model_name, *, batch_size, steps, conv, dtype, num_devices, data):
+    self.mesh = train.make_mesh(jax.devices()[:num_devices])
+    self.num_examples = batch_size * steps
+    model = models.get_model(
+      model_name, NUM_CLASSES, bn_axis_name=train.DATA_AXIS, dtype=jnp.dtype(dtype)
+    )
+    optimizer = train.make_optimizer(
+      learning_rate=LEARNING_RATE,
+      momentum=MOMENTUM,
+      weight_decay=WEIGHT_DECAY,
+      steps_per_epoch=steps,
+    )
+    self.conv = conv
+    with conv_impl(conv):
+      state = train.create_train_state(model, optimizer, IMAGE_SHAPE, jax.random.key(0))
+    self.state = train.replicate(state, self.mesh)
+    self.aul_state = train.replicate(aul.init_aul_state(self.num_examples, 1, None), self.mesh)
+    self.data = train.replicate(data, self.mesh)
+    self.key = jax.random.key(1)
+    self.epoch = 0
+    self.run_epoch = train.make_train_epoch(
+      train.make_step(model, optimizer),
+      self.mesh,
+      num_examples=self.num_examples,
+      batch_size=batch_size,
+      augment_images=False,
+    )
+
+  def __call__(self) -> jax.Array:
+    with conv_impl(self.conv):  # Only matters for the first call, which traces the model.
+      self.state, self.aul_state, _ = self.run_epoch(
+        self.state, self.aul_state, self.data, self.key, self.epoch
+      )
+    self.epoch += 1
+    return self.aul_state.aul_N
+
+
+# The PyTorch side.
+
+
+def torch_version() -> str | None:
+  try:
+    import torch
+  except ImportError:
+    return None
+  return torch.__version__
+
+
+def torch_model(name: str) -> Any:
+  """The same architectures as aul_jax.models, in PyTorch (NCHW)."""
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+
+  class BasicBlock(nn.Module):
+    def __init__(self, in_features, features, stride):
+      super().__init__()
+      self.stride, self.extra = stride, features - in_features
+      self.conv1 = nn.Conv2d(in_features, features, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(features)
+      self.conv2 = nn.Conv2d(features, features, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(features)
+
+    def forward(self, x):
+      y = F.relu(self.bn1(self.conv1(x)))
+      y = self.bn2(self.conv2(y))
+      shortcut = x[:, :, :: self.stride, :: self.stride]
+      if self.extra:  # Option A: zero-padded channels.
+        shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.extra))
+      return F.relu(y + shortcut)
+
+  def resnet(depth):
+    blocks = (depth - 2) // 6
+    layers = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    in_features = 16
+    for stage, features in enumerate((16, 32, 64)):
+      for block in range(blocks):
+        layers.append(BasicBlock(in_features, features, 2 if stage and not block else 1))
+        in_features = features
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, NUM_CLASSES)]
+    return nn.Sequential(*layers)
+
+  if name == 'mlp':
+    size = int(np.prod(IMAGE_SHAPE))
+    return nn.Sequential(
+      nn.Flatten(),
+      nn.Linear(size, 512),
+      nn.ReLU(),
+      nn.Linear(512, 512),
+      nn.ReLU(),
+      nn.Linear(512, NUM_CLASSES),
+    )
+  if name == 'lenet':
+    return nn.Sequential(
+      nn.Conv2d(3, 6, 5, padding=2),
+      nn.ReLU(),
+      nn.MaxPool2d(2),
+      nn.Conv2d(6, 16, 5, padding=2),
+      nn.ReLU(),
+      nn.MaxPool2d(2),
+      nn.Flatten(),
+      nn.Linear(16 * 8 * 8, 120),
+      nn.ReLU(),
+      nn.Linear(120, 84),
+      nn.ReLU(),
+      nn.Linear(84, NUM_CLASSES),
+    )
+  torch.manual_seed(0)
+  return resnet(int(name.removeprefix('resnet')))
+
+
+class TorchEpoch:
+  """One call = one epoch of `steps` SGD steps with per-example losses scattered by index."""
+
+  def __init__(self, model_name, *, batch_size, steps, channels_last, data, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    self.torch = torch
+    self.batch_size, self.steps = batch_size, steps
+    self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    self.model = torch_model(model_name).train().to(memory_format=self.memory_format)
+    images = torch.from_numpy(np.ascontiguousarray(data['image'].transpose(0, 3, 1, 2)))
+    self.images = images.contiguous(memory_format=self.memory_format)
+    self.labels = torch.from_numpy(data['label'].astype(np.int64))
+    self.accumulator = torch.zeros(len(self.labels))
+    self.optimizer = torch.optim.SGD(
+      self.model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    )
+
+  def __call__(self) -> None:
+    torch = self.torch
+    order = torch.randperm(len(self.labels))
+    for step in range(self.steps):
+      index = order[step * self.batch_size : (step + 1) * self.batch_size]
+      images = self.images[index].contiguous(memory_format=self.memory_format)
+      loss_b = torch.nn.functional.cross_entropy(
+        self.model(images), self.labels[index], reduction='none'
+      )
+      self.accumulator.index_add_(0, index, loss_b.detach())
+      self.optimizer.zero_grad(set_to_none=True)
+      loss_b.mean().backward()
+      self.optimizer.step()
+
+
+# The benchmark.
+
+
+def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+  def parse(text: str) -> list[str]:
+    values = text.split(',')
+    for value in values:
+      if value not in allowed:
+        raise argparse.ArgumentTypeError(f'{value!r} is not one of {", ".join(allowed)}')
+    return values
+
+  return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--model', choices=MODELS, default='resnet20')
+  parser.add_argument('--batch-size', type=int, default=128)
+  parser.add_argument('--steps', type=int, default=8, help='steps per timed epoch')
+  parser.add_argument('--repeats', type=int, default=5, help='timed epochs per side (median)')
+  parser.add_argument('--warmup', type=int, default=1, help='untimed epochs per side first')
+  parser.add_argument(
+    '--conv-impl',
+    type=_choices(CONV_IMPLS),
+    default=['canonical_vjp'],
+    help=f'one or more (comma-separated) of {", ".join(CONV_IMPLS)}',
+  )
+  parser.add_argument(
+    '--dtype',
+    type=_choices(DTYPES),
+    default=['float32'],
+    help='compute dtype(s), comma-separated; every conv-impl x dtype pair is timed',
+  )
+  parser.add_argument('--num-devices', type=int, default=1)
+  parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch side')
+  parser.add_argument('--torch-threads', type=int, default=os.cpu_count() or 1)
+  parser.add_argument('--quick', action='store_true', help='tiny sizes, for tests')
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.batch_size, args.steps, args.repeats, args.warmup = 32, 2, 2, 1
+  return args
+
+
+def main(argv=None) -> dict[str, Any]:
+  args = parse_args(argv)
+  data = random_data(args.batch_size * args.steps)
+  # The first JAX variant is the headline figure; any others are timed alongside it.
+  variants = [(conv, dtype) for conv in args.conv_impl for dtype in args.dtype]
+  jax_sides = [f'jax_{conv}_{dtype}' for conv, dtype in variants]
+  sides: dict[str, Callable] = {}
+  for name, (conv, dtype) in zip(jax_sides, variants, strict=True):
+    sides[name] = JaxEpoch(
+      args.model,
+      batch_size=args.batch_size,
+      steps=args.steps,
+      conv=conv,
+      dtype=dtype,
+      num_devices=args.num_devices,
+      data=data,
+    )
+  version = None if args.no_torch else torch_version()
+  if version is not None:
+    for layout in ('nchw', 'channels_last'):
+      sides[f'torch_{layout}'] = TorchEpoch(
+        args.model,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        channels_last=layout == 'channels_last',
+        data=data,
+        threads=args.torch_threads,
+      )
+  for run in sides.values():
+    common.median_seconds(run, repeats=0, warmup=args.warmup)
+  times: dict[str, list[float]] = {name: [] for name in sides}
+  for _ in range(args.repeats):  # Interleaved, so load changes hit every side alike.
+    for name, run in sides.items():
+      times[name] += common.median_seconds(run, repeats=1, warmup=0)
+
+  images = args.batch_size * args.steps
+  rate = {name: images / common.median(t) for name, t in times.items()}
+  step_ms = {name: common.median(t) / args.steps * 1e3 for name, t in times.items()}
+  rows = [[name, f'{step_ms[name]:.1f}', f'{rate[name]:.1f}'] for name in times]
+  print(f'{args.model}, batch {args.batch_size}, {args.steps} steps/epoch, {args.repeats} repeats')
+  common.print_table(['side', 'ms/step', 'images/s'], rows)
+
+  record: dict[str, Any] = {
+    'model': args.model,
+    'images_per_s': round(rate[jax_sides[0]], 2),
+    'torch_images_per_s': None,
+    'ratio_vs_torch': None,
+  }
+  if version is None:
+    reason = 'not requested (--no-torch)' if args.no_torch else 'torch is not installed'
+    print(f'PyTorch side skipped: {reason}')
+    record['torch'] = f'skipped: {reason}'
+  else:
+    best = max(('torch_nchw', 'torch_channels_last'), key=rate.get)
+    record.update(
+      torch_images_per_s=round(rate[best], 2),
+      ratio_vs_torch=round(rate[jax_sides[0]] / rate[best], 3),
+      torch_layout=best.removeprefix('torch_'),
+      torch_nchw_images_per_s=round(rate['torch_nchw'], 2),
+      torch_channels_last_images_per_s=round(rate['torch_channels_last'], 2),
+      torch=version,
+      torch_threads=sides[best].torch.get_num_threads(),
+    )
+  record.update(
+    conv_impl=variants[0][0],
+    dtype=variants[0][1],
+    jax_images_per_s={name.removeprefix('jax_'): round(rate[name], 2) for name in jax_sides},
+    batch_size=args.batch_size,
+    steps=args.steps,
+    repeats=args.repeats,
+    num_devices=args.num_devices,
+    xla_flags=os.environ.get('XLA_FLAGS', ''),
+    machine=common.machine(),
+  )
+  common.emit_json(record)
+  return record
+
+
+if __name__ == '__main__':
+  main()

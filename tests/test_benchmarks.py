@@ -1,0 +1,136 @@
+"""The benchmark scripts run with --quick and end with one JSON line of sane numbers; the
+convolution VJPs tried in train_throughput.py give lax's gradients."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from benchmarks import train_throughput
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(script, *args):
+  """Runs benchmarks/`script` --quick as a user would; returns (stdout, the last line's JSON)."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['JAX_PLATFORMS'] = 'cpu'
+  result = subprocess.run(
+    [sys.executable, os.path.join('benchmarks', script), '--quick', *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) > 1, 'expected a table before the JSON line'
+  return result.stdout, json.loads(lines[-1])
+
+
+def positive(x):
+  return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_train_throughput_quick_without_torch():
+  out, record = run_benchmark('train_throughput.py', '--model', 'lenet', '--no-torch')
+  assert record['model'] == 'lenet'
+  assert positive(record['images_per_s'])
+  assert record['torch_images_per_s'] is None and record['ratio_vs_torch'] is None
+  assert record['torch'].startswith('skipped')
+  assert 'PyTorch side skipped' in out
+  assert record['machine']['nproc'] >= 1 and record['machine']['jax'] == jax.__version__
+
+
+def test_aul_overhead_quick():
+  _, record = run_benchmark('aul_overhead.py')
+  for key in ('overhead', 'history_float32_overhead', 'history_bfloat16_overhead'):
+    assert math.isfinite(record[key]) and record[key] > -1, key
+  assert all(positive(s) for s in record['epoch_s'].values())
+  n, t = record['num_examples'], record['history_epochs']
+  assert record['aul_state_bytes'] == {
+    'no_aul': 0,
+    'aul': 4 * n,
+    'aul_history_float32': 4 * n + 4 * n * t,
+    'aul_history_bfloat16': 4 * n + 2 * n * t,
+  }
+  peak = {mode: memory['peak_bytes'] for mode, memory in record['memory'].items()}
+  assert all(positive(p) for p in peak.values())
+  assert peak['no_aul'] < peak['aul'] < peak['aul_history_bfloat16'] < peak['aul_history_float32']
+  update = record['history_update']
+  assert set(update) == {f'{d}_{f}' for d in ('float32', 'bfloat16') for f in ('library', 'dus')}
+  assert all(positive(v['ms']) for v in update.values())
+  assert update['bfloat16_dus']['temp_bytes'] == 0
+
+
+def test_epoch_dispatch_quick():
+  _, record = run_benchmark('epoch_dispatch.py')
+  for key in ('scan_epoch_s', 'python_loop_epoch_s', 'speedup'):
+    assert positive(record[key]), key
+  assert record['same_result'] is True
+
+
+CONV_CASES = {
+  '3x3 stride 1': ((4, 8, 8, 5), (3, 3, 5, 6), (1, 1), ((1, 1), (1, 1))),
+  '3x3 stride 2': ((4, 8, 8, 5), (3, 3, 5, 6), (2, 2), ((1, 1), (1, 1))),
+  '5x5 SAME': ((3, 8, 8, 1), (5, 5, 1, 6), (1, 1), 'SAME'),
+  '3x3 stride 2 SAME odd': ((2, 7, 9, 3), (3, 3, 3, 4), (2, 2), 'SAME'),
+  '1x1 stride 2 VALID': ((2, 6, 6, 3), (1, 1, 3, 4), (2, 2), 'VALID'),
+}
+
+
+def _grads(conv, x, w, strides, padding, dy):
+  loss = lambda x, w: jnp.sum(conv(x, w, strides, padding, dimension_numbers=NHWC) * dy)
+  return jax.grad(loss, argnums=(0, 1))(x, w)
+
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+@pytest.mark.parametrize('weight_grad', ['canonical', 'im2col'])
+@pytest.mark.parametrize('case', list(CONV_CASES))
+def test_custom_conv_vjp_matches_lax(case, weight_grad):
+  x_shape, w_shape, strides, padding = CONV_CASES[case]
+  conv = train_throughput.make_conv_general_dilated(
+    getattr(train_throughput, f'weight_grad_{weight_grad}')
+  )
+  kx, kw, ky = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  y = lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+  dy = jax.random.normal(ky, y.shape)
+  np.testing.assert_allclose(conv(x, w, strides, padding, dimension_numbers=NHWC), y, rtol=1e-5)
+  for got, want in zip(
+    _grads(conv, x, w, strides, padding, dy),
+    _grads(lax.conv_general_dilated, x, w, strides, padding, dy),
+    strict=True,
+  ):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_canonical_conv_vjp_under_shard_map_sums_weight_gradients():
+  # Replicated weights, batch split over 2 devices: the weight gradient must be the psum.
+  mesh = jax.make_mesh((2,), ('data',), devices=jax.devices()[:2])
+  conv = train_throughput.make_conv_general_dilated(train_throughput.weight_grad_canonical)
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  x = jax.device_put(x, jax.sharding.NamedSharding(mesh, P('data')))
+  w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
+
+  def grad_fn(conv_fn):
+    def per_device(x, w):
+      loss = lambda w: jnp.sum(conv_fn(x, w, (1, 1), 'SAME', dimension_numbers=NHWC) ** 2)
+      return jax.grad(loss)(w)
+
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P('data'), P()), out_specs=P()))
+
+  np.testing.assert_allclose(
+    grad_fn(conv)(x, w), grad_fn(lax.conv_general_dilated)(x, w), rtol=1e-4, atol=1e-4
+  )
