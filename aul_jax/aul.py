@@ -36,5 +36,8 @@ def add_epoch(state: AULState, epoch_loss_N: jax.Array, epoch: jax.Array) -> AUL
   """Folds one epoch's per-example losses into the AUL (and the history row `epoch`)."""
   history = state.history_TxN
   if history is not None:
-    history = history.at[epoch].set(epoch_loss_N.astype(history.dtype))
+    # dynamic_update_slice updates in place; `.at[epoch].set` on a bfloat16 history makes
+    # XLA:CPU upcast a copy of all of it every epoch (docs/benchmarks.md, section 3).
+    row = epoch_loss_N.astype(history.dtype)[None]
+    history = jax.lax.dynamic_update_slice(history, row, (epoch, jnp.zeros_like(epoch)))
   return AULState(aul_N=state.aul_N + epoch_loss_N, history_TxN=history)

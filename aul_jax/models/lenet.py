@@ -25,6 +25,7 @@ class LeNet(nn.Module):
       kernel_init=layers.he_conv_init,
       dtype=self.dtype,
       param_dtype=jnp.float32,
+      conv_general_dilated=layers.fast_conv_general_dilated(),
     )
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
     x = jnp.asarray(x, self.dtype)
