@@ -49,27 +49,23 @@ def make_python_loop_epoch(
     return index_SxB, mask_SxB, jnp.zeros((num_examples,), jnp.float32), stats
 
   def per_device_step(state, epoch_loss_N, stats, data, index_SxB, mask_SxB, step, epoch):
+    # The library's own per-device step (shared with its scan and streamed epochs), so the
+    # two sides differ only in how steps are dispatched.
     index_B, mask_B = index_SxB[step], mask_SxB[step]
-    index_b = train.device_slice(index_B, local_batch)
-    mask_b = train.device_slice(mask_B, local_batch)
-    batch = {
-      'image': data['image'][index_b],
-      'label': data['label'][index_b],
-      'weight': jnp.where(mask_b, data['weight'][index_b], 0.0),
-    }
-    state, metrics = step_fn(state, batch, epoch)
-    loss_B = jax.lax.all_gather(metrics['loss'], train.DATA_AXIS, tiled=True, to='invarying')
-    correct_B = jax.lax.all_gather(metrics['correct'], train.DATA_AXIS, tiled=True, to='invarying')
-    epoch_loss_N = aul.scatter_losses(epoch_loss_N, index_B, loss_B, mask_B)
-    finite = jnp.all(jnp.isfinite(jnp.where(mask_B, loss_B, 0.0)))
-    stats = {
-      'loss_sum': stats['loss_sum'] + jnp.sum(jnp.where(mask_B, loss_B, 0.0)),
-      'correct': stats['correct'] + jnp.sum(mask_B & correct_B),
-      'first_nonfinite_step': jnp.where(
-        (stats['first_nonfinite_step'] < 0) & ~finite, step, stats['first_nonfinite_step']
-      ),
-    }
-    return state, epoch_loss_N, stats
+    images_b = data['image'][train.device_slice(index_B, local_batch)]
+    return train._step_and_scatter(
+      (state, epoch_loss_N, stats),
+      images_b,
+      index_B,
+      mask_B,
+      step,
+      None,
+      data,
+      epoch,
+      step_fn=step_fn,
+      batch_size=batch_size,
+      augment_images=False,
+    )
 
   one_step = jax.jit(
     jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(),) * 8, out_specs=(P(), P(), P())),
