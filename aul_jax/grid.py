@@ -91,15 +91,18 @@ def _nonempty_unique(values: Sequence[str], flag: str) -> list[str]:
   return values
 
 
+def _known_names(values: Sequence[str], flag: str, what: str, known) -> tuple[str, ...]:
+  """Distinct names from `known`, in the given order; an unknown one is a UserInputError."""
+  names = _nonempty_unique(values, flag)
+  for name in names:
+    if name not in known:
+      raise UserInputError(f"--{flag}: unknown {what} '{name}'; known: {', '.join(known)}")
+  return tuple(names)
+
+
 def parse_methods(values: Sequence[str]) -> tuple[str, ...]:
   """Methods in the given order (the table's row order), each one of retrain.METHODS."""
-  methods = _nonempty_unique(values, 'methods')
-  for method in methods:
-    if method not in retrain.METHODS:
-      raise UserInputError(
-        f"--methods: unknown method '{method}'; known: {', '.join(retrain.METHODS)}"
-      )
-  return tuple(methods)
+  return _known_names(values, 'methods', 'method', retrain.METHODS)
 
 
 def parse_noise_setting(spec: str) -> NoiseSetting:
@@ -139,11 +142,7 @@ def check_trials(trials: int) -> int:
 
 def parse_models(values: Sequence[str]) -> tuple[str, ...]:
   """Architectures in the given order, each a key of the model zoo."""
-  names = _nonempty_unique(values, 'models')
-  for name in names:
-    if name not in models.MODELS:
-      raise UserInputError(f"--models: unknown model '{name}'; known: {', '.join(models.MODELS)}")
-  return tuple(names)
+  return _known_names(values, 'models', 'model', models.MODELS)
 
 
 def parse_seeds(values: Sequence[str]) -> tuple[int, ...]:
