@@ -162,19 +162,20 @@ def _run(name: str, overrides: Mapping[str, Any]) -> Run:
   return Run(name, tuple(overrides.items()))
 
 
+def _trial_overrides(setting, trial: int) -> dict:
+  """The noise setting, with trial t's noise seed and training seed (both t)."""
+  return {
+    'noise.kind': setting.kind,
+    'noise.rate': setting.rate,
+    'noise.seed': trial,
+    'seed': trial,
+  }
+
+
 def table_runs(methods, settings, trials: int) -> list[Run]:
   """Methods x noise settings x trials; trial t sets noise.seed = seed = t."""
   return [
-    _run(
-      f'{method}-{setting.slug}-trial{t}',
-      {
-        'method': method,
-        'noise.kind': setting.kind,
-        'noise.rate': setting.rate,
-        'noise.seed': t,
-        'seed': t,
-      },
-    )
+    _run(f'{method}-{setting.slug}-trial{t}', {'method': method, **_trial_overrides(setting, t)})
     for setting in settings
     for t in range(trials)
     for method in methods
@@ -186,14 +187,7 @@ def detection_runs(settings, trials: int) -> list[Run]:
   return [
     _run(
       f'{setting.slug}-trial{t}',
-      {
-        'method': 'aul',
-        'retrain.epochs': 0,
-        'noise.kind': setting.kind,
-        'noise.rate': setting.rate,
-        'noise.seed': t,
-        'seed': t,
-      },
+      {'method': 'aul', 'retrain.epochs': 0, **_trial_overrides(setting, t)},
     )
     for setting in settings
     for t in range(trials)
