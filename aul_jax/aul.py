@@ -2,27 +2,57 @@
 
 Everything here runs on the device: per-example losses are scattered by example index into
 an (N,) array that is donated from epoch to epoch and never copied to the host in training.
+The same state carries the other training dynamics (`aul_jax.dynamics`) of the same pass.
 """
 
 import flax
 import jax
 import jax.numpy as jnp
 
+from aul_jax import dynamics as dynamics_lib
+
 
 @flax.struct.dataclass
 class AULState:
-  """Running AUL per example, and optionally each epoch's loss (the loss history)."""
+  """Running AUL per example, optionally each epoch's loss (the loss history), and the
+  other per-example training dynamics."""
 
   aul_N: jax.Array
   history_TxN: jax.Array | None = None
+  dynamics: dynamics_lib.Dynamics | None = None
 
 
-def init_aul_state(num_examples: int, num_epochs: int, history_dtype: str | None) -> AULState:
-  """Zero accumulator; a (T, N) history of `history_dtype` when one is given, else none."""
+def init_aul_state(
+  num_examples: int, num_epochs: int, history_dtype: str | None, *, dynamics: bool = True
+) -> AULState:
+  """Zero accumulator; a (T, N) history of `history_dtype` when one is given, else none;
+  the other training dynamics unless `dynamics=False` (then only losses are scattered)."""
   history = None
   if history_dtype is not None:
     history = jnp.zeros((num_epochs, num_examples), jnp.dtype(history_dtype))
-  return AULState(aul_N=jnp.zeros((num_examples,), jnp.float32), history_TxN=history)
+  return AULState(
+    aul_N=jnp.zeros((num_examples,), jnp.float32),
+    history_TxN=history,
+    dynamics=dynamics_lib.init_dynamics(num_examples) if dynamics else None,
+  )
+
+
+def statistics(state: AULState) -> dict[str, jax.Array]:
+  """Every per-example statistic of the run: the AUL and `dynamics.statistics`'s."""
+  stats = {'aul': state.aul_N}
+  if state.dynamics is not None:
+    stats.update(dynamics_lib.statistics(state.dynamics))
+  return stats
+
+
+def tracked(state: AULState) -> tuple[str, ...]:
+  """The per-example quantities an epoch must scatter to update `state`."""
+  return ('loss',) if state.dynamics is None else dynamics_lib.PER_EXAMPLE
+
+
+def init_epoch_vectors(num_examples: int, names: tuple[str, ...]) -> dict[str, jax.Array]:
+  """Zero (N,) float32 vectors of one epoch, one per per-example quantity in `names`."""
+  return {name: jnp.zeros((num_examples,), jnp.float32) for name in names}
 
 
 def scatter_losses(
@@ -32,12 +62,17 @@ def scatter_losses(
   return epoch_loss_N.at[index_B].add(jnp.where(mask_B, loss_B, 0.0))
 
 
-def add_epoch(state: AULState, epoch_loss_N: jax.Array, epoch: jax.Array) -> AULState:
-  """Folds one epoch's per-example losses into the AUL (and the history row `epoch`)."""
+def add_epoch(state: AULState, epoch_N: dict[str, jax.Array], epoch: jax.Array) -> AULState:
+  """Folds one epoch's per-example vectors into the AUL, the history row `epoch` and the
+  dynamics. `epoch_N` maps each of dynamics.PER_EXAMPLE to an (N,) float32 vector."""
+  epoch_loss_N = epoch_N['loss']
   history = state.history_TxN
   if history is not None:
     # dynamic_update_slice updates in place; `.at[epoch].set` on a bfloat16 history makes
     # XLA:CPU upcast a copy of all of it every epoch (docs/benchmarks.md, section 3).
     row = epoch_loss_N.astype(history.dtype)[None]
     history = jax.lax.dynamic_update_slice(history, row, (epoch, jnp.zeros_like(epoch)))
-  return AULState(aul_N=state.aul_N + epoch_loss_N, history_TxN=history)
+  dynamics = state.dynamics
+  if dynamics is not None:
+    dynamics = dynamics_lib.add_epoch(dynamics, epoch_N)
+  return AULState(aul_N=state.aul_N + epoch_loss_N, history_TxN=history, dynamics=dynamics)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from aul_jax import losses, train
+from aul_jax import dynamics, losses, train
 
 
 def forget_rate(epoch: jax.Array, max_rate: float, gradual_epochs: int) -> jax.Array:
@@ -44,7 +44,7 @@ def make_coteaching_step(
   max_forget_rate: float,
   gradual_epochs: int,
 ) -> train.StepFn:
-  """A StepFn over a pair of TrainStates; reports network A's losses and accuracy."""
+  """A StepFn over a pair of TrainStates; reports network A's losses and dynamics."""
 
   def step(states, batch, epoch):
     state_a, state_b = states
@@ -71,8 +71,7 @@ def make_coteaching_step(
       train.apply_gradients(state_a, grads_a, updates_a, optimizer),
       train.apply_gradients(state_b, grads_b, updates_b, optimizer),
     )
-    correct = jnp.argmax(logits_a, axis=-1) == batch['label']
-    return states, {'loss': loss_a, 'correct': correct}
+    return states, {'loss': loss_a, **dynamics.per_example(logits_a, batch['label'])}
 
   return step
 

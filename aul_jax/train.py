@@ -21,13 +21,14 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from aul_jax import augment, aul, losses, metrics
+from aul_jax import augment, aul, dynamics, losses, metrics
 
 DATA_AXIS = 'data'
 
 # objective(logits_BxK, labels_B) -> per-example loss_B.
 Objective = Callable[[jax.Array, jax.Array], jax.Array]
-# step(state, batch, epoch) -> (state, {'loss': loss_b, 'correct': correct_b}), per device.
+# step(state, batch, epoch) -> (state, per-example {'loss', 'margin', 'confidence', 'correct'}),
+# per device (dynamics.PER_EXAMPLE; see `dynamics.per_example`).
 StepFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[Any, dict[str, jax.Array]]]
 
 
@@ -113,7 +114,7 @@ def train_step(
   objective: Objective = losses.cross_entropy,
   axis_name: str = DATA_AXIS,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """Per-device SGD step on this device's shard; returns per-example losses and correctness.
+  """Per-device SGD step on this device's shard; returns per-example losses and dynamics.
 
   `batch['weight']` is the per-example loss weight, already 0 for padding. The loss is the
   weighted mean over the global batch, so the parameter gradient, summed over the data axis
@@ -131,8 +132,7 @@ def train_step(
 
   grads, (loss_B, logits_BxK, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
   state = apply_gradients(state, grads, updates, optimizer)
-  correct_B = jnp.argmax(logits_BxK, axis=-1) == batch['label']
-  return state, {'loss': loss_B, 'correct': correct_B}
+  return state, {'loss': loss_B, **dynamics.per_example(logits_BxK, batch['label'])}
 
 
 def make_step(
@@ -200,9 +200,10 @@ def _step_and_scatter(
   """Per-device code of one step, shared by the device-resident and the streamed epochs.
 
   Augments this device's images with per-example keys of their global batch position,
-  trains, gathers the global batch's per-example losses and scatters them by index.
+  trains, gathers the global batch's per-example losses (and other dynamics) and scatters
+  them by index into the epoch's (N,) vectors.
   """
-  state, epoch_loss_N, stats = carry
+  state, epoch_N, stats = carry
   local_batch = images_b.shape[0]
   index_b, mask_b = device_slice(index_B, local_batch), device_slice(mask_B, local_batch)
   if augment_images:
@@ -214,9 +215,15 @@ def _step_and_scatter(
     'weight': jnp.where(mask_b, data['weight'][index_b], 0.0),
   }
   state, metrics = step_fn(state, batch, epoch)
-  loss_B = jax.lax.all_gather(metrics['loss'], DATA_AXIS, tiled=True, to='invarying')
-  correct_B = jax.lax.all_gather(metrics['correct'], DATA_AXIS, tiled=True, to='invarying')
-  epoch_loss_N = aul.scatter_losses(epoch_loss_N, index_B, loss_B, mask_B)
+  gathered_B = {
+    name: jax.lax.all_gather(metrics[name], DATA_AXIS, tiled=True, to='invarying')
+    for name in sorted({'loss', 'correct', *epoch_N})  # One order on every process.
+  }
+  loss_B, correct_B = gathered_B['loss'], gathered_B['correct']
+  epoch_N = {
+    name: aul.scatter_losses(vector_N, index_B, gathered_B[name].astype(jnp.float32), mask_B)
+    for name, vector_N in epoch_N.items()
+  }
   finite = jnp.all(jnp.isfinite(jnp.where(mask_B, loss_B, 0.0)))
   stats = {
     'loss_sum': stats['loss_sum'] + jnp.sum(jnp.where(mask_B, loss_B, 0.0)),
@@ -225,12 +232,12 @@ def _step_and_scatter(
       (stats['first_nonfinite_step'] < 0) & ~finite, step, stats['first_nonfinite_step']
     ),
   }
-  return state, epoch_loss_N, stats
+  return state, epoch_N, stats
 
 
-def _finish_epoch(aul_state, epoch_loss_N, stats, data, epoch):
+def _finish_epoch(aul_state, epoch_N, stats, data, epoch):
   """Folds the epoch into the AUL state; with the truth known, adds the AUL's AUROC."""
-  aul_state = aul.add_epoch(aul_state, epoch_loss_N, epoch)
+  aul_state = aul.add_epoch(aul_state, epoch_N, epoch)
   if 'is_mislabeled' in data:
     stats = {**stats, 'aul_auroc': metrics.auroc_on_device(aul_state.aul_N, data['is_mislabeled'])}
   return aul_state, stats
@@ -249,17 +256,18 @@ def make_train_epoch(
 
   `data` holds replicated device arrays 'image' (N,H,W,C), 'label' (N,) and 'weight' (N,),
   and optionally the truth 'is_mislabeled' (N,), which adds the AUL's AUROC to the stats.
-  The whole epoch is one `lax.scan`. The per-example losses of each step are gathered over
-  devices and scattered by index into the epoch's loss vector, which is folded into the
-  donated AUL state. With `draw_weights`, `draw_weights(key, N)` replaces data['weight']
-  with fresh weights at every epoch.
+  The whole epoch is one `lax.scan`. The per-example losses (and, if `aul_state` tracks
+  them, the other dynamics) of each step are gathered over devices and scattered by index
+  into the epoch's (N,) vectors, which are folded into the donated AUL state. With
+  `draw_weights`, `draw_weights(key, N)` replaces data['weight'] with fresh weights at
+  every epoch.
   """
   local_batch = batch_size // mesh.shape[DATA_AXIS]
   one_step = functools.partial(
     _step_and_scatter, step_fn=step_fn, batch_size=batch_size, augment_images=augment_images
   )
 
-  def per_device_epoch(state, data, key, epoch):
+  def per_device_epoch(state, data, key, epoch, *, tracked):
     order_key, augment_key, weight_key = _epoch_keys(key, epoch)
     if draw_weights is not None:
       data = {**data, 'weight': draw_weights(weight_key, num_examples)}
@@ -270,20 +278,22 @@ def make_train_epoch(
       images_b = data['image'][device_slice(index_B, local_batch)]
       return one_step(carry, images_b, index_B, mask_B, step, augment_key, data, epoch), None
 
-    carry = (state, jnp.zeros((num_examples,), jnp.float32), _initial_stats())
+    carry = (state, aul.init_epoch_vectors(num_examples, tracked), _initial_stats())
     steps = jnp.arange(index_SxB.shape[0])
-    (state, epoch_loss_N, stats), _ = jax.lax.scan(body, carry, (steps, index_SxB, mask_SxB))
-    return state, epoch_loss_N, stats
-
-  sharded_epoch = jax.shard_map(
-    per_device_epoch, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=(P(), P(), P())
-  )
+    (state, epoch_N, stats), _ = jax.lax.scan(body, carry, (steps, index_SxB, mask_SxB))
+    return state, epoch_N, stats
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def run_epoch(state, aul_state, data, key, epoch):
     epoch = jnp.asarray(epoch, jnp.int32)
-    state, epoch_loss_N, stats = sharded_epoch(state, data, key, epoch)
-    aul_state, stats = _finish_epoch(aul_state, epoch_loss_N, stats, data, epoch)
+    sharded_epoch = jax.shard_map(
+      functools.partial(per_device_epoch, tracked=aul.tracked(aul_state)),
+      mesh=mesh,
+      in_specs=(P(), P(), P(), P()),
+      out_specs=(P(), P(), P()),
+    )
+    state, epoch_N, stats = sharded_epoch(state, data, key, epoch)
+    aul_state, stats = _finish_epoch(aul_state, epoch_N, stats, data, epoch)
     return state, aul_state, stats
 
   return run_epoch
@@ -319,13 +329,13 @@ def make_streamed_train_epoch(
   )
   compiled_step = jax.jit(sharded_step, donate_argnums=(0,))
 
-  @jax.jit
-  def start_epoch(data, key, epoch):
+  @functools.partial(jax.jit, static_argnums=(3,))
+  def start_epoch(data, key, epoch, tracked):
     order_key, augment_key, weight_key = _epoch_keys(key, epoch)
     if draw_weights is not None:
       data = {**data, 'weight': draw_weights(weight_key, num_examples)}
     index_SxB, mask_SxB = epoch_order(order_key, num_examples, batch_size)
-    zeros = jnp.zeros((num_examples,), jnp.float32)
+    zeros = aul.init_epoch_vectors(num_examples, tracked)
     return data, index_SxB, mask_SxB, augment_key, zeros, _initial_stats()
 
   finish = jax.jit(_finish_epoch, donate_argnums=(0,))
@@ -340,9 +350,11 @@ def make_streamed_train_epoch(
 
   def run_epoch(state, aul_state, data, key, epoch):
     epoch = jnp.asarray(epoch, jnp.int32)
-    data, index_SxB, mask_SxB, augment_key, epoch_loss_N, stats = start_epoch(data, key, epoch)
+    data, index_SxB, mask_SxB, augment_key, epoch_N, stats = start_epoch(
+      data, key, epoch, aul.tracked(aul_state)
+    )
     index_host = to_host(index_SxB)
-    carry = (state, epoch_loss_N, stats)
+    carry = (state, epoch_N, stats)
     with concurrent.futures.ThreadPoolExecutor(1) as loader:
       next_images = loader.submit(device_batch, index_host[0])
       for step in range(len(index_host)):
@@ -359,8 +371,8 @@ def make_streamed_train_epoch(
           data,
           epoch,
         )
-    state, epoch_loss_N, stats = carry
-    aul_state, stats = finish(aul_state, epoch_loss_N, stats, data, epoch)
+    state, epoch_N, stats = carry
+    aul_state, stats = finish(aul_state, epoch_N, stats, data, epoch)
     return state, aul_state, stats
 
   return run_epoch
@@ -388,6 +400,32 @@ def make_evaluate(
     return correct
 
   return jax.jit(jax.shard_map(per_device_eval, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P()))
+
+
+def make_predict(
+  model: nn.Module, mesh: jax.sharding.Mesh, *, num_examples: int, batch_size: int
+) -> Callable:
+  """Compiles `predict(state, images) -> (N, K) float32 softmax probabilities` (eval mode).
+
+  Used for held-out (cross-validated) probabilities, e.g. for confident learning.
+  """
+  local_batch = batch_size // mesh.shape[DATA_AXIS]
+  steps = math.ceil(num_examples / batch_size)
+
+  def per_device_predict(state, images):
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+
+    def body(_, position_B):
+      index_b = jnp.minimum(device_slice(position_B, local_batch), num_examples - 1)
+      logits_bxK = model.apply(variables, images[index_b], train=False)
+      probs_bxK = jax.nn.softmax(logits_bxK.astype(jnp.float32))
+      return None, jax.lax.all_gather(probs_bxK, DATA_AXIS, tiled=True, to='invarying')
+
+    positions = jnp.arange(steps * batch_size).reshape(steps, batch_size)
+    _, probs_SxBxK = jax.lax.scan(body, None, positions)
+    return probs_SxBxK.reshape(steps * batch_size, -1)[:num_examples]
+
+  return jax.jit(jax.shard_map(per_device_predict, mesh=mesh, in_specs=(P(), P()), out_specs=P()))
 
 
 def to_host(tree: Any) -> Any:

@@ -1,11 +1,14 @@
-"""What the AUL accumulator (and the optional loss history) costs an epoch, in time and memory.
+"""What the AUL accumulator (the other training dynamics, and the optional loss history)
+costs an epoch, in time and memory.
 
-Times the library's compiled epoch (`train.make_train_epoch`: per-example losses gathered and
-scattered into the accumulator, folded into the donated AUL state) against the same epoch
-without any of it: the same shuffle, batches and step, but no loss gather, no scatter, no
-accumulator. Modes are timed interleaved, epoch by epoch, after warm-up; medians are reported.
-Memory is each compiled epoch's buffer sizes (`compiled.memory_analysis()`), plus the analytic
-sizes of the accumulator, O(N), and of the history, O(N*T).
+Times the library's compiled epoch (`train.make_train_epoch`: per-example losses, margins,
+confidences and correctness gathered and scattered into (N,) vectors, folded into the
+donated AUL state with its dynamics) against the same epoch without any of it: the same
+shuffle, batches and step, but no gather, no scatter, no accumulator. Mode `aul_only`
+scatters the losses alone (`aul.init_aul_state(..., dynamics=False)`). Modes are timed
+interleaved, epoch by epoch, after warm-up; medians are reported. Memory is each compiled
+epoch's buffer sizes (`compiled.memory_analysis()`), plus the bytes of the AUL state: O(N)
+for the accumulators, O(N*T) for the history.
 
   .venv/bin/python benchmarks/aul_overhead.py --model mlp --num-examples 50000
 """
@@ -28,7 +31,7 @@ from aul_jax import aul, models, train
 from benchmarks import common
 
 NUM_CLASSES = 10
-MODES = ('no_aul', 'aul', 'aul_history_float32', 'aul_history_bfloat16')
+MODES = ('no_aul', 'aul_only', 'aul', 'aul_history_float32', 'aul_history_bfloat16')
 
 
 def make_epoch_without_aul(
@@ -117,14 +120,17 @@ class Mode:
       )
       lower_args = (self.state, self.data, self.key, epoch)
     else:
-      history = None if mode == 'aul' else mode.removeprefix('aul_history_')
+      history = mode.removeprefix('aul_history_') if mode.startswith('aul_history_') else None
       self.aul_state = train.replicate(
-        aul.init_aul_state(num_examples, args.history_epochs, history), mesh
+        aul.init_aul_state(num_examples, args.history_epochs, history, dynamics=mode != 'aul_only'),
+        mesh,
       )
       run = train.make_train_epoch(
         step_fn, mesh, num_examples=num_examples, batch_size=args.batch_size, augment_images=False
       )
       lower_args = (self.state, self.aul_state, self.data, self.key, epoch)
+    leaves = jax.tree.leaves(self.aul_state)
+    self.state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
     # The executable that is timed is the one whose memory is analysed.
     self.compiled = run.lower(*lower_args).compile()
     self.memory = common.compiled_memory(self.compiled)
@@ -141,8 +147,9 @@ class Mode:
     return stats
 
 
-def add_epoch_dus(state: aul.AULState, epoch_loss_N: jax.Array, epoch: jax.Array) -> aul.AULState:
+def add_epoch_dus(state: aul.AULState, epoch_N: dict, epoch: jax.Array) -> aul.AULState:
   """aul.add_epoch with the history row written by lax.dynamic_update_slice (see the docs)."""
+  epoch_loss_N = epoch_N['loss']
   history = state.history_TxN
   if history is not None:
     row_1xN = epoch_loss_N.astype(history.dtype)[None]
@@ -153,10 +160,10 @@ def add_epoch_dus(state: aul.AULState, epoch_loss_N: jax.Array, epoch: jax.Array
 def time_history_update(num_examples: int, num_epochs: int, repeats: int) -> dict[str, Any]:
   """The per-epoch fold into the AUL state alone: aul.add_epoch against add_epoch_dus."""
   out = {}
-  loss_N = jnp.linspace(0.0, 3.0, num_examples, dtype=jnp.float32)
+  loss_N = {'loss': jnp.linspace(0.0, 3.0, num_examples, dtype=jnp.float32)}
   for dtype in ('float32', 'bfloat16'):
     for name, fn in (('library', aul.add_epoch), ('dus', add_epoch_dus)):
-      state = aul.init_aul_state(num_examples, num_epochs, dtype)
+      state = aul.init_aul_state(num_examples, num_epochs, dtype, dynamics=False)
       compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, loss_N, jnp.int32(0)).compile()
       box = {'state': state, 'epoch': 0}
 
@@ -215,8 +222,7 @@ def main(argv=None) -> dict[str, Any]:
   base = epoch_s['no_aul']
   overhead = {mode: (epoch_s[mode] - base) / base for mode in MODES}
   n, t = args.num_examples, args.history_epochs
-  state_bytes = {'no_aul': 0, 'aul': 4 * n, 'aul_history_float32': 4 * n + 4 * n * t}
-  state_bytes['aul_history_bfloat16'] = 4 * n + 2 * n * t
+  state_bytes = {mode: modes[mode].state_bytes for mode in MODES}
   shape = 'x'.join(map(str, args.image_shape))
   print(f'{args.model} on {n} random {shape} examples, batch {args.batch_size}, T = {t}')
   rows = []
@@ -236,6 +242,7 @@ def main(argv=None) -> dict[str, Any]:
     'model': args.model,
     'num_examples': n,
     'overhead': round(overhead['aul'], 4),
+    'aul_only_overhead': round(overhead['aul_only'], 4),
     'history_float32_overhead': round(overhead['aul_history_float32'], 4),
     'history_bfloat16_overhead': round(overhead['aul_history_bfloat16'], 4),
     'epoch_s': {mode: round(s, 5) for mode, s in epoch_s.items()},

@@ -46,15 +46,15 @@ def make_python_loop_epoch(
       'correct': jnp.zeros((), jnp.int32),
       'first_nonfinite_step': jnp.array(-1, jnp.int32),
     }
-    return index_SxB, mask_SxB, jnp.zeros((num_examples,), jnp.float32), stats
+    return index_SxB, mask_SxB, aul.init_epoch_vectors(num_examples, ('loss',)), stats
 
-  def per_device_step(state, epoch_loss_N, stats, data, index_SxB, mask_SxB, step, epoch):
+  def per_device_step(state, epoch_N, stats, data, index_SxB, mask_SxB, step, epoch):
     # The library's own per-device step (shared with its scan and streamed epochs), so the
     # two sides differ only in how steps are dispatched.
     index_B, mask_B = index_SxB[step], mask_SxB[step]
     images_b = data['image'][train.device_slice(index_B, local_batch)]
     return train._step_and_scatter(
-      (state, epoch_loss_N, stats),
+      (state, epoch_N, stats),
       images_b,
       index_B,
       mask_B,
@@ -75,12 +75,12 @@ def make_python_loop_epoch(
 
   def run_epoch(state, aul_state, data, key, epoch):
     epoch = jnp.asarray(epoch, jnp.int32)
-    index_SxB, mask_SxB, epoch_loss_N, stats = start(key, epoch)
+    index_SxB, mask_SxB, epoch_N, stats = start(key, epoch)
     for step in range(steps):
-      state, epoch_loss_N, stats = one_step(
-        state, epoch_loss_N, stats, data, index_SxB, mask_SxB, jnp.int32(step), epoch
+      state, epoch_N, stats = one_step(
+        state, epoch_N, stats, data, index_SxB, mask_SxB, jnp.int32(step), epoch
       )
-    return state, finish(aul_state, epoch_loss_N, epoch), stats
+    return state, finish(aul_state, epoch_N, epoch), stats
 
   return run_epoch
 
@@ -100,7 +100,9 @@ class Runner:
     image_shape = data_host['image'].shape[1:]
     state = train.create_train_state(model, optimizer, image_shape, jax.random.key(0))
     self.state = train.replicate(state, mesh)
-    self.aul_state = train.replicate(aul.init_aul_state(num_examples, 1, None), mesh)
+    self.aul_state = train.replicate(
+      aul.init_aul_state(num_examples, 1, None, dynamics=False), mesh
+    )
     self.data = train.replicate(data_host, mesh)
     self.key, self.epoch, self.epochs = jax.random.key(1), 0, args.epochs
     self.conv = args.conv_impl

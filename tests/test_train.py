@@ -196,3 +196,17 @@ def test_streamed_epochs_match_device_resident_epochs(num_devices, augment_image
   np.testing.assert_allclose(np.asarray(streamed.aul_N), np.asarray(resident.aul_N), rtol=1e-5)
   # Each device's loader call fetches only that device's slice of a batch.
   assert max(loaded) == BATCH // num_devices
+
+
+def test_predict_gives_eval_mode_probabilities_of_every_example():
+  model = TinyNet()
+  data = _data()
+  state, _ = _run(4, model, data, epochs=1)
+  predict = train_lib.make_predict(
+    model, train_lib.make_mesh(jax.devices()[:4]), num_examples=NUM_EXAMPLES, batch_size=BATCH
+  )
+  probs = np.asarray(predict(state, jnp.asarray(data['image'])))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  expected = jax.nn.softmax(model.apply(variables, data['image'], train=False))
+  assert probs.shape == (NUM_EXAMPLES, 10)
+  np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
