@@ -4,7 +4,7 @@ import os
 
 import ml_collections
 
-from aul_jax import data, distributed, models, noise, retrain
+from aul_jax import data, detectors, distributed, models, noise, retrain
 from aul_jax.errors import UserInputError
 
 HISTORY_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
     }
   )
   config.gmm = ml_collections.ConfigDict({'max_iter': 1000, 'tol': 1e-7, 'n_init': 1})
+  # Which statistic of the training run flags an example, and by which rule
+  # (aul_jax/detectors.py; measured in docs/detection.md). The paper: 'aul' and 'gmm'.
+  config.detector = ml_collections.ConfigDict({'statistic': 'aul', 'rule': 'gmm'})
   # Retraining from scratch (Section 5): 300 epochs, LR 0.1 dropped 10x at 150 and 225.
   config.retrain = ml_collections.ConfigDict(
     {
@@ -98,6 +101,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     config.model.dtype in COMPUTE_DTYPES,
     f'model.dtype={config.model.dtype!r}; expected one of {COMPUTE_DTYPES}',
   )
+  _validate_detector(config.detector)
   _validate_recipe(config.aul, 'aul', num_devices, min_epochs=1)
   _validate_recipe(config.retrain, 'retrain', num_devices, min_epochs=0)
   _validate_checkpoint(config.checkpoint)
@@ -127,6 +131,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     config.retrain.coteaching_forget_rate < 1,
     f'retrain.coteaching_forget_rate={config.retrain.coteaching_forget_rate!r}; expected < 1',
   )
+
+
+def _validate_detector(detector) -> None:
+  statistics, rules = tuple(detectors.SCORES), detectors.RULES
+  _require(
+    detector.statistic in statistics,
+    f'detector.statistic={detector.statistic!r}; expected one of {statistics}',
+  )
+  _require(detector.rule in rules, f'detector.rule={detector.rule!r}; expected one of {rules}')
 
 
 def _validate_checkpoint(checkpoint) -> None:

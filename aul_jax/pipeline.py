@@ -22,6 +22,7 @@ from aul_jax import (
   aul,
   checkpointing,
   data,
+  detectors,
   distributed,
   figures,
   gmm,
@@ -60,10 +61,8 @@ class TrainedNetwork:
 
 @dataclasses.dataclass(frozen=True)
 class Detection:
-  aul_N: jax.Array  # On the device, like everything here until the outputs are written.
-  history_TxN: jax.Array | None
-  mixture: gmm.GaussianMixture  # Components ascending by mean: the last is 'mislabeled'.
-  p_mislabeled_N: jax.Array
+  aul_state: aul.AULState  # On the device: the AUL, its history and the other dynamics.
+  verdict: detectors.Verdict  # The configured detector's score, p(mislabeled) and estimate.
   test_error: float | None  # Of the network trained for the AUL.
 
 
@@ -130,14 +129,16 @@ def train_network(
   history_dtype: str | None = None,
   truth_N: np.ndarray | None = None,
   checkpoint: StageCheckpoint | None = None,
+  num_classes: int | None = None,
 ) -> TrainedNetwork:
   """Trains a fresh network with `recipe` (config.aul or config.retrain) and `method`,
   resuming from and saving to `checkpoint` when given. With `truth_N`, the AUL's AUROC
-  is reported every epoch."""
+  is reported every epoch. `num_classes` overrides the data set's (threshold samples
+  train with one extra class)."""
   num_examples = len(labels_N)
   model = models.get_model(
     config.model.name,
-    dataset.num_classes,
+    num_classes or dataset.num_classes,
     bn_axis_name=train.DATA_AXIS,
     dtype=jnp.dtype(config.model.dtype),
   )
@@ -225,8 +226,15 @@ def fit_mixture(aul_N: jax.Array, gmm_config: ml_collections.ConfigDict):
   return mixture, gmm.mislabel_probability(mixture, aul_N)
 
 
+def judge(config, aul_state: aul.AULState, noisy: NoisyLabels, num_classes: int):
+  """Step 2: the configured detector (statistic and rule) on the run's statistics."""
+  statistics = train.to_host(aul.statistics(aul_state))
+  return detectors.detect(statistics, noisy.labels, num_classes, config.detector, config.gmm)
+
+
 def detect(config, dataset, noisy: NoisyLabels, mesh, progress: Progress, checkpoint=None):
-  """Steps 1 and 2: the AUL of every example, and the mixture fitted to it."""
+  """Steps 1 and 2: the AUL (and other dynamics) of every example, and the detector's
+  verdict on them."""
   network = train_network(
     config,
     config.aul,
@@ -241,31 +249,33 @@ def detect(config, dataset, noisy: NoisyLabels, mesh, progress: Progress, checkp
     truth_N=noisy.is_mislabeled if noisy.injected else None,
     checkpoint=checkpoint,
   )
-  mixture, p_N = fit_mixture(network.aul_state.aul_N, config.gmm)
+  verdict = judge(config, network.aul_state, noisy, dataset.num_classes)
   error = test_error(config, network, dataset, mesh)
   progress.scalar('aul/test_error', error, config.aul.epochs)
-  return Detection(network.aul_state.aul_N, network.aul_state.history_TxN, mixture, p_N, error)
+  return Detection(network.aul_state, verdict, error)
 
 
 def _history_dtype(config) -> str | None:
   return config.aul.history_dtype if config.aul.record_history else None
 
 
-def _restore_detection(config, checkpoint: StageCheckpoint, num_examples: int, mesh) -> Detection:
+def _restore_detection(
+  config, checkpoint: StageCheckpoint, noisy: NoisyLabels, num_classes: int, mesh
+) -> Detection:
   """The finished detection stage, from a checkpoint taken while retraining."""
   step, meta = checkpoint.resume
-  like = aul.init_aul_state(num_examples, config.aul.epochs, _history_dtype(config))
+  like = aul.init_aul_state(len(noisy.labels), config.aul.epochs, _history_dtype(config))
   restored = checkpoint.checkpointer.restore(step, {'detection': train.replicate(like, mesh)})
   aul_state = restored['detection']
-  mixture, p_N = fit_mixture(aul_state.aul_N, config.gmm)
-  return Detection(aul_state.aul_N, aul_state.history_TxN, mixture, p_N, meta['aul_test_error'])
+  verdict = judge(config, aul_state, noisy, num_classes)
+  return Detection(aul_state, verdict, meta['aul_test_error'])
 
 
 def retrain_network(
   config, dataset, noisy: NoisyLabels, detection, mesh, progress: Progress, checkpoint=None
 ) -> float | None:
   """Step 3 (or a baseline): a network trained from scratch; returns its test error."""
-  p_N = None if detection is None else train.to_host(detection.p_mislabeled_N)
+  p_N = None if detection is None else detection.verdict.p_mislabeled_N
   weights_N = retrain.example_weights(config.method, p_N, noisy.is_mislabeled)
   progress.log(f'retraining from scratch with method {config.method!r}')
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -291,14 +301,18 @@ def package_versions() -> dict[str, str]:
   return {name: importlib.metadata.version(name) for name in _VERSIONED_PACKAGES}
 
 
-def _detection_outputs(detection: Detection, noisy: NoisyLabels):
+def _detection_outputs(config, detection: Detection, noisy: NoisyLabels):
   """scores.csv columns and summary.json fields of the detection stage."""
-  aul_N, p_N, mixture = train.to_host(
-    (detection.aul_N, detection.p_mislabeled_N, detection.mixture)
+  # A dict comprehension, not to_host: pytree maps sort the keys, and the columns keep
+  # the documented order.
+  statistics = {k: np.asarray(v) for k, v in aul.statistics(detection.aul_state).items()}
+  verdict = train.to_host(detection.verdict)
+  columns = report.detection_columns(
+    statistics['aul'], verdict.p_mislabeled_N, verdict.score_N, statistics
   )
-  columns = report.detection_columns(aul_N, p_N)
   truth = noisy.is_mislabeled if noisy.injected else None
-  summary = report.detection_summary(mixture, columns, truth)
+  summary = report.detection_summary(verdict.noise_estimate, verdict.mixture, columns, truth)
+  summary['detector'] = {'statistic': config.detector.statistic, 'rule': config.detector.rule}
   summary['aul_model_test_error'] = detection.test_error
   return columns, summary
 
@@ -313,7 +327,7 @@ def _outputs(config, dataset, noisy: NoisyLabels, detection: Detection | None, f
     'test_error': final_error,
   }
   if detection is not None:
-    columns, detection_summary = _detection_outputs(detection, noisy)
+    columns, detection_summary = _detection_outputs(config, detection, noisy)
     scores.update(columns)
     summary.update(detection_summary)
   if noisy.injected:
@@ -370,15 +384,14 @@ def _train_and_detect(config, dataset, noisy, mesh, checkpointer, progress: Prog
   if config.method == 'aul':
     aul_stage = StageCheckpoint(checkpointer, 'aul', 0, resume, labels, {})
     if resume is not None and resume[1]['stage'] == 'retrain':
-      detection = _restore_detection(config, aul_stage, len(noisy.labels), mesh)
+      detection = _restore_detection(config, aul_stage, noisy, dataset.num_classes, mesh)
     else:
       detection = detect(config, dataset, noisy, mesh, progress, aul_stage)
   final_error = detection.test_error if detection is not None else None
   if config.retrain.epochs > 0:
     items, meta, offset = labels, {}, 0
     if detection is not None:
-      finished = aul.AULState(detection.aul_N, detection.history_TxN)
-      items = {**labels, 'detection': finished}
+      items = {**labels, 'detection': detection.aul_state}
       meta, offset = {'aul_test_error': detection.test_error}, config.aul.epochs
     stage = StageCheckpoint(checkpointer, 'retrain', offset, resume, items, meta)
     final_error = retrain_network(config, dataset, noisy, detection, mesh, progress, stage)
@@ -445,11 +458,12 @@ def run(
     }
   )
   history = None
-  if detection is not None and detection.history_TxN is not None:
-    history = train.to_host(detection.history_TxN)
+  if detection is not None and detection.aul_state.history_TxN is not None:
+    history = train.to_host(detection.aul_state.history_TxN)
   pictures = None
   if detection is not None:
-    mixture = train.to_host(detection.mixture)
+    # The paper's figures show the AUL and its global mixture, whichever detector ran.
+    mixture, _ = train.to_host(fit_mixture(detection.aul_state.aul_N, config.gmm))
     pictures = _figures(dataset, noisy, scores['aul'], mixture, history)
   extra = None if detection is None else {'ranked_issues.csv': report.ranked_issues(scores)}
   if primary:

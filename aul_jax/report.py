@@ -9,16 +9,25 @@ import numpy as np
 from aul_jax import gmm, metrics
 
 
-def detection_columns(aul_N: np.ndarray, p_mislabeled_N: np.ndarray) -> dict[str, np.ndarray]:
-  """scores.csv columns: the AUL, p(mislabeled), the flag, and cleanlab's names for them.
+def detection_columns(
+  aul_N: np.ndarray,
+  p_mislabeled_N: np.ndarray,
+  score_N: np.ndarray | None = None,
+  statistics: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+  """scores.csv columns: the AUL, the other training dynamics (if given), the detector's
+  score (default: the AUL), p(mislabeled), the flag, and cleanlab's names for them.
 
   `label_issue` and `label_quality` (= 1 - p_mislabeled) are what cleanlab's reporting
   expects from `find_label_issues` and its label-quality scores.
   """
   p_N = np.asarray(p_mislabeled_N, np.float64)
   flagged_N = p_N > 0.5
+  others = {k: np.asarray(v, np.float64) for k, v in (statistics or {}).items() if k != 'aul'}
   return {
     'aul': np.asarray(aul_N, np.float64),
+    **others,
+    'score': np.asarray(aul_N if score_N is None else score_N, np.float64),
     'p_mislabeled': p_N,
     'flagged': flagged_N,
     'label_issue': flagged_N,
@@ -26,24 +35,27 @@ def detection_columns(aul_N: np.ndarray, p_mislabeled_N: np.ndarray) -> dict[str
   }
 
 
-def detection_summary(mixture: gmm.GaussianMixture, columns, is_mislabeled_N=None) -> dict:
-  """summary.json fields: the noise estimate, the mixture, and truth-based metrics if known."""
+def detection_summary(
+  noise_estimate: float, mixture: gmm.GaussianMixture, columns, is_mislabeled_N=None
+) -> dict:
+  """summary.json fields: the noise estimate, the mixture (one per class for per-class
+  rules), and metrics of columns['score'] and columns['flagged'] if the truth is known."""
   summary = {
-    'noise_estimate': float(gmm.noise_fraction(mixture)),
+    'noise_estimate': float(noise_estimate),
     'n_flagged': int(columns['flagged'].sum()),
     'gmm': {
       'weights': np.asarray(mixture.weights).tolist(),
       'means': np.asarray(mixture.means).tolist(),
       'variances': np.asarray(mixture.variances).tolist(),
-      'log_likelihood': float(mixture.log_likelihood),
-      'n_iter': int(mixture.n_iter),
-      'converged': bool(mixture.converged),
+      'log_likelihood': np.asarray(mixture.log_likelihood).tolist(),
+      'n_iter': np.asarray(mixture.n_iter).tolist(),
+      'converged': np.asarray(mixture.converged).tolist(),
     },
   }
   if is_mislabeled_N is not None:
     truth = np.asarray(is_mislabeled_N, bool)
     summary['true_noise_rate'] = float(truth.mean())
-    summary.update(metrics.detection_metrics(columns['aul'], columns['flagged'], truth))
+    summary.update(metrics.detection_metrics(columns['score'], columns['flagged'], truth))
   return summary
 
 

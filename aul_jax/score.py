@@ -139,7 +139,8 @@ def score(losses_NxT: np.ndarray, *, labels_N=None, is_mislabeled_N=None, max_it
   if is_mislabeled_N is not None:
     scores['is_mislabeled'] = is_mislabeled_N
   summary = {'n_train': len(aul_N), 'n_epochs': losses_NxT.shape[1]}
-  summary.update(report.detection_summary(mixture, columns, is_mislabeled_N))
+  estimate = gmm.noise_fraction(mixture)
+  summary.update(report.detection_summary(estimate, mixture, columns, is_mislabeled_N))
   pictures = figures.run_figures(
     aul_N=aul_N,
     mixture=mixture,

@@ -52,6 +52,14 @@ def test_digits_outputs_are_consistent(digits_run):
     'index',
     'label',
     'aul',
+    'aum',
+    'confidence',
+    'variability',
+    'correctness',
+    'forgetting_events',
+    'never_learned',
+    'last_loss',
+    'score',
     'p_mislabeled',
     'flagged',
     'label_issue',
@@ -118,6 +126,8 @@ GOLDEN = [5.38001156, 4.06242800, 6.37699986, 3.71345186, 5.55872822]
     ('aul.learning_rate', 0.0, 'aul.learning_rate'),
     ('aul.history_dtype', 'int8', 'aul.history_dtype'),
     ('model.dtype', 'float64', 'model.dtype'),
+    ('detector.statistic', 'entropy', "detector.statistic='entropy'"),
+    ('detector.rule', 'kde', "detector.rule='kde'"),
   ],
 )
 def test_bad_config_fields_are_named(field, value, message):

@@ -1,0 +1,109 @@
+"""Detectors: statistic -> score, global and per-class mixtures, threshold samples."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from aul_jax import detectors, threshold_samples
+
+
+def _class_dependent_scores(seed=0, n_per_class=400, num_classes=4):
+  """Scores whose clean level differs by class, with class-dependent noise rates."""
+  rng = np.random.default_rng(seed)
+  rates = np.linspace(0.1, 0.5, num_classes)
+  labels, scores, truth = [], [], []
+  for k in range(num_classes):
+    noisy = rng.random(n_per_class) < rates[k]
+    clean_level, noisy_level = 2.0 * k, 2.0 * k + 4.0
+    scores.append(np.where(noisy, noisy_level, clean_level) + rng.normal(0, 0.5, n_per_class))
+    labels.append(np.full(n_per_class, k))
+    truth.append(noisy)
+  return np.concatenate(scores), np.concatenate(labels), np.concatenate(truth), num_classes
+
+
+def test_scores_are_oriented_so_that_higher_is_more_suspicious():
+  stats = {
+    'aul': np.array([1.0, 5.0]),
+    'aum': np.array([3.0, -1.0]),
+    'confidence': np.array([0.9, 0.1]),
+    'last_loss': np.array([0.1, 2.0]),
+  }
+  for name in detectors.SCORES:
+    score = detectors.mislabel_score(stats, name)
+    assert score[1] > score[0], name
+  with pytest.raises(ValueError, match="unknown statistic 'entropy'"):
+    detectors.mislabel_score(stats, 'entropy')
+
+
+def test_per_class_mixture_recovers_class_dependent_noise():
+  score, labels, truth, k = _class_dependent_scores()
+  per_class = detectors.class_mixtures(score, labels, k)
+  # One global mixture cannot separate modes whose levels overlap across classes.
+  pooled = detectors.global_mixture(score)
+  assert abs(per_class.noise_estimate - truth.mean()) < 0.02
+  assert abs(pooled.noise_estimate - truth.mean()) > 0.05
+  flagged = per_class.p_mislabeled_N > 0.5
+  assert np.mean(flagged == truth) > 0.98
+  assert per_class.mixture.weights.shape == (k, 2)
+  for c in range(k):  # Each class's mislabeled weight estimates that class's noise rate.
+    assert abs(per_class.mixture.weights[c, 1] - truth[labels == c].mean()) < 0.05
+
+
+def test_per_class_mixture_ignores_other_classes_entirely():
+  score, labels, _, k = _class_dependent_scores()
+  base = detectors.class_mixtures(score, labels, k)
+  moved = score.copy()
+  moved[labels == 0] += 100.0  # Class 0 alone changes; the others' verdicts must not.
+  other = detectors.class_mixtures(moved, labels, k)
+  keep = labels != 0
+  np.testing.assert_allclose(other.p_mislabeled_N[keep], base.p_mislabeled_N[keep], atol=1e-5)
+
+
+def test_detect_reads_the_config():
+  score, labels, truth, k = _class_dependent_scores()
+  stats = {'aul': score, 'aum': -score, 'confidence': -score, 'last_loss': score}
+  config = ml_collections.ConfigDict({'statistic': 'aum', 'rule': 'class_gmm'})
+  gmm_config = ml_collections.ConfigDict({'max_iter': 500, 'tol': 1e-7, 'n_init': 1})
+  verdict = detectors.detect(stats, labels, k, config, gmm_config)
+  np.testing.assert_allclose(verdict.score_N, score)
+  assert abs(verdict.noise_estimate - truth.mean()) < 0.02
+  with pytest.raises(ValueError, match="unknown rule 'kde'"):
+    detectors.run_rule('kde', score, labels, k)
+
+
+def test_threshold_sets_are_disjoint_and_of_size_n_over_k_plus_1():
+  sets = threshold_samples.threshold_sets(1100, 10, 2, seed=3)
+  assert [len(s) for s in sets] == [100, 100]
+  assert not set(sets[0]) & set(sets[1])
+  again = threshold_samples.threshold_sets(1100, 10, 2, seed=3)
+  assert all(np.array_equal(a, b) for a, b in zip(sets, again, strict=True))
+  with pytest.raises(ValueError, match='do not fit'):
+    threshold_samples.threshold_sets(20, 3, 5, seed=0)
+
+
+def test_relabel_moves_only_the_threshold_samples_to_the_extra_class():
+  labels = np.arange(10) % 3
+  out = threshold_samples.relabel(labels, np.array([1, 4]), 3)
+  np.testing.assert_array_equal(out, [0, 3, 2, 0, 3, 2, 0, 1, 2, 0])
+  np.testing.assert_array_equal(labels, np.arange(10) % 3)  # The input is not modified.
+
+
+def test_judge_flags_below_the_threshold_samples_percentile():
+  rng = np.random.default_rng(0)
+  n = 1000
+  sets = threshold_samples.threshold_sets(n, 4, 2, seed=0)
+  truth = rng.random(n) < 0.3
+  aum = []
+  for indices in sets:
+    run = np.where(truth, -2.0, 3.0) + rng.normal(0, 0.5, n)
+    run[indices] = -2.0 + rng.normal(0, 0.5, len(indices))  # Fake class: like mislabeled.
+    aum.append(run)
+  margin, flagged = threshold_samples.judge(np.stack(aum), sets, percentile=99.0)
+  assert np.isfinite(margin).all()  # Two disjoint sets: every example judged at least once.
+  assert np.mean(flagged == truth) > 0.97
+  # An example's margin is the mean over the runs where it kept its label.
+  i = sets[0][0]
+  expected = aum[1][i] - np.percentile(aum[1][sets[1]], 99.0)
+  assert margin[i] == pytest.approx(expected)
+  with pytest.raises(ValueError, match='2 runs of AUM but 1 threshold sets'):
+    threshold_samples.judge(np.stack(aum), sets[:1])
