@@ -45,27 +45,29 @@ def statistics(state: AULState) -> dict[str, jax.Array]:
   return stats
 
 
-def tracked(state: AULState) -> tuple[str, ...]:
-  """The per-example quantities an epoch must scatter to update `state`."""
-  return ('loss',) if state.dynamics is None else dynamics_lib.PER_EXAMPLE
+def tracked(state: AULState) -> int:
+  """How many of dynamics.PER_EXAMPLE (a prefix: the loss first) an epoch must scatter."""
+  return 1 if state.dynamics is None else len(dynamics_lib.PER_EXAMPLE)
 
 
-def init_epoch_vectors(num_examples: int, names: tuple[str, ...]) -> dict[str, jax.Array]:
-  """Zero (N,) float32 vectors of one epoch, one per per-example quantity in `names`."""
-  return {name: jnp.zeros((num_examples,), jnp.float32) for name in names}
+def init_epoch_values(num_examples: int, num_tracked: int) -> jax.Array:
+  """Zero (N, Q) float32 values of one epoch: column q is dynamics.PER_EXAMPLE[q]."""
+  return jnp.zeros((num_examples, num_tracked), jnp.float32)
 
 
 def scatter_losses(
   epoch_loss_N: jax.Array, index_B: jax.Array, loss_B: jax.Array, mask_B: jax.Array
 ) -> jax.Array:
-  """Adds each real example's loss at its index; padded (mask 0) entries add nothing."""
-  return epoch_loss_N.at[index_B].add(jnp.where(mask_B, loss_B, 0.0))
+  """Adds each real example's loss (or (B, Q) row of values) at its index; padded (mask 0)
+  entries add nothing. One scatter for all Q values: rows, not Q separate scatters."""
+  mask = mask_B.reshape(mask_B.shape + (1,) * (loss_B.ndim - 1))
+  return epoch_loss_N.at[index_B].add(jnp.where(mask, loss_B, 0.0))
 
 
-def add_epoch(state: AULState, epoch_N: dict[str, jax.Array], epoch: jax.Array) -> AULState:
-  """Folds one epoch's per-example vectors into the AUL, the history row `epoch` and the
-  dynamics. `epoch_N` maps each of dynamics.PER_EXAMPLE to an (N,) float32 vector."""
-  epoch_loss_N = epoch_N['loss']
+def add_epoch(state: AULState, epoch_NxQ: jax.Array, epoch: jax.Array) -> AULState:
+  """Folds one epoch's (N, Q) per-example values (`init_epoch_values`) into the AUL, the
+  history row `epoch` and, when tracked, the other dynamics."""
+  epoch_loss_N = epoch_NxQ[:, 0]
   history = state.history_TxN
   if history is not None:
     # dynamic_update_slice updates in place; `.at[epoch].set` on a bfloat16 history makes
@@ -74,5 +76,6 @@ def add_epoch(state: AULState, epoch_N: dict[str, jax.Array], epoch: jax.Array) 
     history = jax.lax.dynamic_update_slice(history, row, (epoch, jnp.zeros_like(epoch)))
   dynamics = state.dynamics
   if dynamics is not None:
-    dynamics = dynamics_lib.add_epoch(dynamics, epoch_N)
+    values_N = dict(zip(dynamics_lib.PER_EXAMPLE, epoch_NxQ.T, strict=True))
+    dynamics = dynamics_lib.add_epoch(dynamics, values_N)
   return AULState(aul_N=state.aul_N + epoch_loss_N, history_TxN=history, dynamics=dynamics)

@@ -142,6 +142,12 @@ def _validate_detector(detector) -> None:
     detector.statistic in statistics,
     f'detector.statistic={detector.statistic!r}; expected one of {statistics}',
   )
+  _require(
+    detector.rule != 'threshold',
+    "detector.rule='threshold': threshold samples need extra training runs that the pipeline "
+    'does not schedule yet; run them with benchmarks/detection.py or aul_jax.threshold_samples '
+    '(docs/detection.md)',
+  )
   _require(detector.rule in rules, f'detector.rule={detector.rule!r}; expected one of {rules}')
 
 

@@ -17,8 +17,9 @@ import flax
 import jax
 import jax.numpy as jnp
 
-# What a train step reports per example; each becomes an (N,) vector of the epoch.
-PER_EXAMPLE = ('loss', 'margin', 'confidence', 'correct')
+# What a train step reports per example, in the order of the columns of an epoch's (N, Q)
+# values (Q = 1 keeps only the loss, for the AUL alone).
+PER_EXAMPLE = ('loss', 'correct', 'margin', 'confidence')
 
 
 def per_example(logits_BxK: jax.Array, labels_B: jax.Array) -> dict[str, jax.Array]:

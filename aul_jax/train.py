@@ -201,9 +201,9 @@ def _step_and_scatter(
 
   Augments this device's images with per-example keys of their global batch position,
   trains, gathers the global batch's per-example losses (and other dynamics) and scatters
-  them by index into the epoch's (N,) vectors.
+  them by index into the epoch's (N, Q) values.
   """
-  state, epoch_N, stats = carry
+  state, epoch_NxQ, stats = carry
   local_batch = images_b.shape[0]
   index_b, mask_b = device_slice(index_B, local_batch), device_slice(mask_B, local_batch)
   if augment_images:
@@ -215,15 +215,11 @@ def _step_and_scatter(
     'weight': jnp.where(mask_b, data['weight'][index_b], 0.0),
   }
   state, metrics = step_fn(state, batch, epoch)
-  gathered_B = {
-    name: jax.lax.all_gather(metrics[name], DATA_AXIS, tiled=True, to='invarying')
-    for name in sorted({'loss', 'correct', *epoch_N})  # One order on every process.
-  }
-  loss_B, correct_B = gathered_B['loss'], gathered_B['correct']
-  epoch_N = {
-    name: aul.scatter_losses(vector_N, index_B, gathered_B[name].astype(jnp.float32), mask_B)
-    for name, vector_N in epoch_N.items()
-  }
+  values_bxP = jnp.stack([metrics[n].astype(jnp.float32) for n in dynamics.PER_EXAMPLE], -1)
+  values_BxP = jax.lax.all_gather(values_bxP, DATA_AXIS, tiled=True, to='invarying')
+  loss_B, correct_B = values_BxP[:, 0], values_BxP[:, 1] > 0
+  tracked_BxQ = values_BxP[:, : epoch_NxQ.shape[1]]
+  epoch_NxQ = aul.scatter_losses(epoch_NxQ, index_B, tracked_BxQ, mask_B)
   finite = jnp.all(jnp.isfinite(jnp.where(mask_B, loss_B, 0.0)))
   stats = {
     'loss_sum': stats['loss_sum'] + jnp.sum(jnp.where(mask_B, loss_B, 0.0)),
@@ -232,12 +228,12 @@ def _step_and_scatter(
       (stats['first_nonfinite_step'] < 0) & ~finite, step, stats['first_nonfinite_step']
     ),
   }
-  return state, epoch_N, stats
+  return state, epoch_NxQ, stats
 
 
-def _finish_epoch(aul_state, epoch_N, stats, data, epoch):
+def _finish_epoch(aul_state, epoch_NxQ, stats, data, epoch):
   """Folds the epoch into the AUL state; with the truth known, adds the AUL's AUROC."""
-  aul_state = aul.add_epoch(aul_state, epoch_N, epoch)
+  aul_state = aul.add_epoch(aul_state, epoch_NxQ, epoch)
   if 'is_mislabeled' in data:
     stats = {**stats, 'aul_auroc': metrics.auroc_on_device(aul_state.aul_N, data['is_mislabeled'])}
   return aul_state, stats
@@ -258,7 +254,7 @@ def make_train_epoch(
   and optionally the truth 'is_mislabeled' (N,), which adds the AUL's AUROC to the stats.
   The whole epoch is one `lax.scan`. The per-example losses (and, if `aul_state` tracks
   them, the other dynamics) of each step are gathered over devices and scattered by index
-  into the epoch's (N,) vectors, which are folded into the donated AUL state. With
+  into the epoch's (N, Q) values, which are folded into the donated AUL state. With
   `draw_weights`, `draw_weights(key, N)` replaces data['weight'] with fresh weights at
   every epoch.
   """
@@ -278,10 +274,10 @@ def make_train_epoch(
       images_b = data['image'][device_slice(index_B, local_batch)]
       return one_step(carry, images_b, index_B, mask_B, step, augment_key, data, epoch), None
 
-    carry = (state, aul.init_epoch_vectors(num_examples, tracked), _initial_stats())
+    carry = (state, aul.init_epoch_values(num_examples, tracked), _initial_stats())
     steps = jnp.arange(index_SxB.shape[0])
-    (state, epoch_N, stats), _ = jax.lax.scan(body, carry, (steps, index_SxB, mask_SxB))
-    return state, epoch_N, stats
+    (state, epoch_NxQ, stats), _ = jax.lax.scan(body, carry, (steps, index_SxB, mask_SxB))
+    return state, epoch_NxQ, stats
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def run_epoch(state, aul_state, data, key, epoch):
@@ -292,8 +288,8 @@ def make_train_epoch(
       in_specs=(P(), P(), P(), P()),
       out_specs=(P(), P(), P()),
     )
-    state, epoch_N, stats = sharded_epoch(state, data, key, epoch)
-    aul_state, stats = _finish_epoch(aul_state, epoch_N, stats, data, epoch)
+    state, epoch_NxQ, stats = sharded_epoch(state, data, key, epoch)
+    aul_state, stats = _finish_epoch(aul_state, epoch_NxQ, stats, data, epoch)
     return state, aul_state, stats
 
   return run_epoch
@@ -335,7 +331,7 @@ def make_streamed_train_epoch(
     if draw_weights is not None:
       data = {**data, 'weight': draw_weights(weight_key, num_examples)}
     index_SxB, mask_SxB = epoch_order(order_key, num_examples, batch_size)
-    zeros = aul.init_epoch_vectors(num_examples, tracked)
+    zeros = aul.init_epoch_values(num_examples, tracked)
     return data, index_SxB, mask_SxB, augment_key, zeros, _initial_stats()
 
   finish = jax.jit(_finish_epoch, donate_argnums=(0,))
@@ -350,11 +346,11 @@ def make_streamed_train_epoch(
 
   def run_epoch(state, aul_state, data, key, epoch):
     epoch = jnp.asarray(epoch, jnp.int32)
-    data, index_SxB, mask_SxB, augment_key, epoch_N, stats = start_epoch(
+    data, index_SxB, mask_SxB, augment_key, epoch_NxQ, stats = start_epoch(
       data, key, epoch, aul.tracked(aul_state)
     )
     index_host = to_host(index_SxB)
-    carry = (state, epoch_N, stats)
+    carry = (state, epoch_NxQ, stats)
     with concurrent.futures.ThreadPoolExecutor(1) as loader:
       next_images = loader.submit(device_batch, index_host[0])
       for step in range(len(index_host)):
@@ -371,8 +367,8 @@ def make_streamed_train_epoch(
           data,
           epoch,
         )
-    state, epoch_N, stats = carry
-    aul_state, stats = finish(aul_state, epoch_N, stats, data, epoch)
+    state, epoch_NxQ, stats = carry
+    aul_state, stats = finish(aul_state, epoch_NxQ, stats, data, epoch)
     return state, aul_state, stats
 
   return run_epoch

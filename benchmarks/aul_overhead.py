@@ -147,9 +147,9 @@ class Mode:
     return stats
 
 
-def add_epoch_dus(state: aul.AULState, epoch_N: dict, epoch: jax.Array) -> aul.AULState:
+def add_epoch_dus(state: aul.AULState, epoch_NxQ: jax.Array, epoch: jax.Array) -> aul.AULState:
   """aul.add_epoch with the history row written by lax.dynamic_update_slice (see the docs)."""
-  epoch_loss_N = epoch_N['loss']
+  epoch_loss_N = epoch_NxQ[:, 0]
   history = state.history_TxN
   if history is not None:
     row_1xN = epoch_loss_N.astype(history.dtype)[None]
@@ -160,7 +160,7 @@ def add_epoch_dus(state: aul.AULState, epoch_N: dict, epoch: jax.Array) -> aul.A
 def time_history_update(num_examples: int, num_epochs: int, repeats: int) -> dict[str, Any]:
   """The per-epoch fold into the AUL state alone: aul.add_epoch against add_epoch_dus."""
   out = {}
-  loss_N = {'loss': jnp.linspace(0.0, 3.0, num_examples, dtype=jnp.float32)}
+  loss_N = jnp.linspace(0.0, 3.0, num_examples, dtype=jnp.float32)[:, None]
   for dtype in ('float32', 'bfloat16'):
     for name, fn in (('library', aul.add_epoch), ('dus', add_epoch_dus)):
       state = aul.init_aul_state(num_examples, num_epochs, dtype, dynamics=False)

@@ -46,15 +46,15 @@ def make_python_loop_epoch(
       'correct': jnp.zeros((), jnp.int32),
       'first_nonfinite_step': jnp.array(-1, jnp.int32),
     }
-    return index_SxB, mask_SxB, aul.init_epoch_vectors(num_examples, ('loss',)), stats
+    return index_SxB, mask_SxB, aul.init_epoch_values(num_examples, 1), stats
 
-  def per_device_step(state, epoch_N, stats, data, index_SxB, mask_SxB, step, epoch):
+  def per_device_step(state, epoch_NxQ, stats, data, index_SxB, mask_SxB, step, epoch):
     # The library's own per-device step (shared with its scan and streamed epochs), so the
     # two sides differ only in how steps are dispatched.
     index_B, mask_B = index_SxB[step], mask_SxB[step]
     images_b = data['image'][train.device_slice(index_B, local_batch)]
     return train._step_and_scatter(
-      (state, epoch_N, stats),
+      (state, epoch_NxQ, stats),
       images_b,
       index_B,
       mask_B,
@@ -75,12 +75,12 @@ def make_python_loop_epoch(
 
   def run_epoch(state, aul_state, data, key, epoch):
     epoch = jnp.asarray(epoch, jnp.int32)
-    index_SxB, mask_SxB, epoch_N, stats = start(key, epoch)
+    index_SxB, mask_SxB, epoch_NxQ, stats = start(key, epoch)
     for step in range(steps):
-      state, epoch_N, stats = one_step(
-        state, epoch_N, stats, data, index_SxB, mask_SxB, jnp.int32(step), epoch
+      state, epoch_NxQ, stats = one_step(
+        state, epoch_NxQ, stats, data, index_SxB, mask_SxB, jnp.int32(step), epoch
       )
-    return state, finish(aul_state, epoch_N, epoch), stats
+    return state, finish(aul_state, epoch_NxQ, epoch), stats
 
   return run_epoch
 

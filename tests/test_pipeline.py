@@ -153,6 +153,7 @@ GOLDEN = [5.38001156, 4.06242800, 6.37699986, 3.71345186, 5.55872822]
     ('model.dtype', 'float64', 'model.dtype'),
     ('detector.statistic', 'entropy', "detector.statistic='entropy'"),
     ('detector.rule', 'kde', "detector.rule='kde'"),
+    ('detector.rule', 'threshold', 'does not schedule yet'),
   ],
 )
 def test_bad_config_fields_are_named(field, value, message):
