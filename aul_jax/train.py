@@ -476,9 +476,14 @@ def train_epochs(
   epoch and step of the first non-finite loss.
   """
 
+  arrived = [0.0]  # When the previous epoch's metrics arrived.
+
   def report(pending):
+    # Epoch e+1 is dispatched before e's metrics are read, so on an asynchronous device it
+    # was dispatched while e-1 still ran: its time starts when e-1's metrics arrived.
     epoch, stats, started = pending
-    on_epoch(epoch, _epoch_metrics(epoch, stats, num_examples, started))
+    on_epoch(epoch, _epoch_metrics(epoch, stats, num_examples, max(started, arrived[0])))
+    arrived[0] = time.perf_counter()
 
   pending = None
   for epoch in range(start_epoch, num_epochs):

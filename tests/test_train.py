@@ -210,3 +210,50 @@ def test_predict_gives_eval_mode_probabilities_of_every_example():
   expected = jax.nn.softmax(model.apply(variables, data['image'], train=False))
   assert probs.shape == (NUM_EXAMPLES, 10)
   np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
+
+
+class _AsyncValue:
+  """A device value that is ready at `ready_at` (perf_counter); reading it waits until then."""
+
+  def __init__(self, value, ready_at):
+    self.value, self.ready_at = value, ready_at
+
+  def __array__(self, dtype=None, copy=None):
+    import time
+
+    time.sleep(max(0.0, self.ready_at - time.perf_counter()))
+    return np.asarray(self.value, dtype)
+
+
+def test_reported_throughput_counts_one_epoch_on_an_asynchronous_device():
+  # Dispatch returns at once and each epoch runs 0.2 s after the previous one, as on a GPU:
+  # every epoch must report ~N / 0.2 s, not the ~2 epochs that lie between its dispatch
+  # and the arrival of its metrics.
+  import time
+
+  epoch_s, finished = 0.2, [time.perf_counter()]
+
+  def run_epoch(state, aul_state, data, key, epoch):
+    finished.append(max(finished[-1], time.perf_counter()) + epoch_s)
+    ready = finished[-1]
+    stats = {
+      'loss_sum': _AsyncValue(1.0, ready),
+      'correct': _AsyncValue(1, ready),
+      'first_nonfinite_step': _AsyncValue(-1, ready),
+    }
+    return state, aul_state, stats
+
+  reported = []
+  train_lib.train_epochs(
+    run_epoch,
+    None,
+    None,
+    None,
+    None,
+    num_epochs=4,
+    num_examples=1000,
+    on_epoch=lambda epoch, metrics: reported.append(metrics['images_per_s']),
+  )
+  assert len(reported) == 4
+  for rate in reported:
+    assert 1000 / epoch_s * 0.7 < rate < 1000 / epoch_s * 1.3, reported
