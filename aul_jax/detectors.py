@@ -1,12 +1,14 @@
-"""Detectors: which training-dynamics statistic flags an example, and by which rule.
+"""Detectors: which training-dynamics statistics flag an example, and by which rule.
 
-A statistic is turned into a mislabeling score (higher = more suspicious). A rule turns
-scores into p(mislabeled | score) and a noise-rate estimate:
+Each statistic is turned into a mislabeling score (higher = more suspicious). Several,
+comma-separated ('aum,confidence'), are standardised and fit jointly by a diagonal
+mixture. A rule turns scores into p(mislabeled | scores) and a noise-rate estimate:
   gmm        one 2-component Gaussian mixture over all examples (the paper's rule);
   class_gmm  one mixture per given label, so a class whose examples are all harder (or
              a class that absorbs another's flipped labels) gets its own clean and noisy
              modes; the noise estimate is the count-weighted mean of the classes' weights.
-The threshold-sample rule lives in `aul_jax.threshold_samples` (it needs extra runs).
+The mislabeled component is the one with the higher (mean standardised) score.
+Threshold samples (`aul_jax.threshold_samples`) need extra training runs.
 """
 
 from collections.abc import Callable
@@ -29,68 +31,100 @@ RULES = ('gmm', 'class_gmm')
 
 
 class Verdict(NamedTuple):
-  score_N: np.ndarray  # Higher = more likely mislabeled.
+  score_N: np.ndarray  # Higher = more likely mislabeled (several: mean standardised score).
   p_mislabeled_N: np.ndarray
   noise_estimate: float
   mixture: gmm.GaussianMixture  # Sorted by mean; per-class rules stack one per class.
 
 
+def statistic_names(statistic: str) -> tuple[str, ...]:
+  """'aum' -> ('aum',); 'aum,confidence' -> ('aum', 'confidence'); unknown names raise."""
+  names = tuple(name.strip() for name in statistic.split(','))
+  for name in names:
+    if name not in SCORES:
+      raise ValueError(f'unknown statistic {name!r}; known: {", ".join(SCORES)}')
+  if len(set(names)) != len(names):
+    raise ValueError(f'statistic {statistic!r} names a statistic twice')
+  return names
+
+
 def mislabel_score(statistics: dict, statistic: str) -> np.ndarray:
-  if statistic not in SCORES:
-    raise ValueError(f'unknown statistic {statistic!r}; known: {", ".join(SCORES)}')
-  return np.asarray(SCORES[statistic](statistics), np.float64)
+  """(N,) scores of one statistic, or (N, D) of D comma-separated ones."""
+  names = statistic_names(statistic)
+  columns = [np.asarray(SCORES[name](statistics), np.float64) for name in names]
+  return columns[0] if len(columns) == 1 else np.stack(columns, axis=-1)
 
 
-def _fit(score_N, weight_N, max_iter: int, tol: float, n_init: int, init: str):
+def _fit(x, weight_N, max_iter: int, tol: float, n_init: int, init: str):
   key = jax.random.key(0) if n_init > 1 or init == 'random' else None
   fitted = gmm.fit(
-    score_N, 2, weights=weight_N, max_iter=max_iter, tol=tol, n_init=n_init, init=init, key=key
+    x, 2, weights=weight_N, max_iter=max_iter, tol=tol, n_init=n_init, init=init, key=key
   )
   mixture = gmm.sort_by_mean(fitted)
-  return mixture, gmm.mislabel_probability(mixture, score_N)
+  return mixture, gmm.mislabel_probability(mixture, x)
 
 
-def global_mixture(score_N, *, max_iter=1000, tol=1e-7, n_init=1, init='quantile') -> Verdict:
-  """The paper's rule: one mixture; its higher-mean component is 'mislabeled'."""
-  score = jnp.asarray(score_N, jnp.float32)
-  mixture, p_N = _fit(score, None, max_iter, tol, n_init, init)
-  return Verdict(np.asarray(score_N), np.asarray(p_N), float(gmm.noise_fraction(mixture)), mixture)
+def _standardise(x, member_KxN):
+  """Each class's (row of member_KxN) scores as z-scores of that class: (K, N[, D])."""
+  count_K = jnp.maximum(member_KxN.sum(1), 1.0)
+  weights = member_KxN.reshape(member_KxN.shape + (1,) * (x.ndim - 1))
+  mean = jnp.sum(weights * x[None], axis=1, keepdims=True) / count_K.reshape(-1, *[1] * x.ndim)
+  var = jnp.sum(weights * (x[None] - mean) ** 2, axis=1, keepdims=True)
+  std = jnp.sqrt(jnp.maximum(var / count_K.reshape(-1, *[1] * x.ndim), 1e-12))
+  return jnp.where(weights > 0, (x[None] - mean) / std, 0.0)
+
+
+def _summary_score(score):
+  """One ranking score per example: the score itself, or the mean of standardised columns."""
+  score = np.asarray(score, np.float64)
+  if score.ndim == 1:
+    return score
+  return np.mean((score - score.mean(0)) / np.maximum(score.std(0), 1e-12), axis=-1)
+
+
+def global_mixture(score, *, max_iter=1000, tol=1e-7, n_init=1, init='quantile') -> Verdict:
+  """The paper's rule: one mixture; its higher-mean component is 'mislabeled'.
+
+  One statistic is fit in its own units (as the paper does); several are standardised.
+  """
+  x = jnp.asarray(score, jnp.float32)
+  if x.ndim > 1:
+    x = _standardise(x, jnp.ones((1, x.shape[0])))[0]
+  mixture, p_N = _fit(x, None, max_iter, tol, n_init, init)
+  estimate = float(gmm.noise_fraction(mixture))
+  return Verdict(_summary_score(score), np.asarray(p_N), estimate, mixture)
 
 
 def class_mixtures(
-  score_N, labels_N, num_classes: int, *, max_iter=1000, tol=1e-7, n_init=1, init='quantile'
+  score, labels_N, num_classes: int, *, max_iter=1000, tol=1e-7, n_init=1, init='quantile'
 ) -> Verdict:
   """One mixture per given label (fit in parallel, each over its class's examples)."""
-  score = jnp.asarray(score_N, jnp.float32)
   labels = jnp.asarray(labels_N)
   member_KxN = (labels[None] == jnp.arange(num_classes)[:, None]).astype(jnp.float32)
   # Each class's scores, standardised, so one variance floor suits every class.
-  count_K = jnp.maximum(member_KxN.sum(1), 1.0)
-  mean_K = member_KxN @ score / count_K
-  std_K = jnp.sqrt(jnp.maximum(member_KxN @ score**2 / count_K - mean_K**2, 1e-12))
-  z_KxN = (score[None] - mean_K[:, None]) / std_K[:, None]
+  z_KxN = _standardise(jnp.asarray(score, jnp.float32), member_KxN)
   fit = jax.jit(jax.vmap(lambda z, w: _fit(z, w, max_iter, tol, n_init, init)))
-  mixtures, p_KxN = fit(jnp.where(member_KxN > 0, z_KxN, 0.0), member_KxN)
+  mixtures, p_KxN = fit(z_KxN, member_KxN)
   p_N = jnp.take_along_axis(p_KxN, labels[None], axis=0)[0]
   weight_K = mixtures.weights[:, -1]
   estimate = float(jnp.sum(weight_K * member_KxN.sum(1)) / len(labels_N))
-  return Verdict(np.asarray(score_N), np.asarray(p_N), estimate, mixtures)
+  return Verdict(_summary_score(score), np.asarray(p_N), estimate, mixtures)
 
 
-def run_rule(rule: str, score_N, labels_N, num_classes: int, **fit_options) -> Verdict:
+def run_rule(rule: str, score, labels_N, num_classes: int, **fit_options) -> Verdict:
   if rule == 'gmm':
-    return global_mixture(score_N, **fit_options)
+    return global_mixture(score, **fit_options)
   if rule == 'class_gmm':
-    return class_mixtures(score_N, labels_N, num_classes, **fit_options)
+    return class_mixtures(score, labels_N, num_classes, **fit_options)
   raise ValueError(f'unknown rule {rule!r}; known: {", ".join(RULES)}')
 
 
 def detect(statistics: dict, labels_N, num_classes: int, detector_config, gmm_config) -> Verdict:
   """The configured detector (`config.detector`) on a run's statistics (`aul.statistics`)."""
-  score_N = mislabel_score(statistics, detector_config.statistic)
+  score = mislabel_score(statistics, detector_config.statistic)
   return run_rule(
     detector_config.rule,
-    score_N,
+    score,
     labels_N,
     num_classes,
     max_iter=gmm_config.max_iter,

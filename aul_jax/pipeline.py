@@ -31,6 +31,7 @@ from aul_jax import (
   outputs,
   report,
   retrain,
+  threshold_samples,
   train,
 )
 from aul_jax import config as config_lib
@@ -226,15 +227,51 @@ def fit_mixture(aul_N: jax.Array, gmm_config: ml_collections.ConfigDict):
   return mixture, gmm.mislabel_probability(mixture, aul_N)
 
 
-def judge(config, aul_state: aul.AULState, noisy: NoisyLabels, num_classes: int):
-  """Step 2: the configured detector (statistic and rule) on the run's statistics."""
+def judge(config, aul_state: aul.AULState, noisy: NoisyLabels, num_classes: int, threshold_aum):
+  """Step 2: the configured detector on the run's statistics (or, for the threshold rule,
+  on the AUM of the threshold-sample runs)."""
+  if config.detector.rule == 'threshold':
+    sets = _threshold_sets(config, noisy, num_classes)
+    percentile = config.detector.threshold_percentile
+    margin_N, flagged_N = threshold_samples.judge(threshold_aum, sets, percentile)
+    p_N = flagged_N.astype(np.float64)
+    return detectors.Verdict(-margin_N, p_N, float(flagged_N.mean()), None)
   statistics = train.to_host(aul.statistics(aul_state))
   return detectors.detect(statistics, noisy.labels, num_classes, config.detector, config.gmm)
 
 
+def _threshold_sets(config, noisy: NoisyLabels, num_classes: int) -> list:
+  try:
+    return threshold_samples.threshold_sets(
+      len(noisy.labels), num_classes, config.detector.threshold_runs, config.seed
+    )
+  except ValueError as e:
+    raise UserInputError(f'detector.threshold_runs={config.detector.threshold_runs}: {e}') from None
+
+
+def threshold_run(config, dataset, noisy, run: int, mesh, progress: Progress, checkpoint=None):
+  """One threshold-sample run (Pleiss et al.): N/(K+1) examples moved to an extra class
+  K; returns every example's AUM in it, on the host."""
+  k = dataset.num_classes
+  indices = _threshold_sets(config, noisy, k)[run]
+  network = train_network(
+    config,
+    config.aul,
+    dataset,
+    threshold_samples.relabel(noisy.labels, indices, k),
+    np.ones(len(noisy.labels), np.float32),
+    mesh,
+    jax.random.fold_in(jax.random.key(config.seed), 2 + run),
+    progress,
+    stage=f'threshold{run}',
+    num_classes=k + 1,
+    checkpoint=checkpoint,
+  )
+  return train.to_host(aul.statistics(network.aul_state)['aum'])
+
+
 def detect(config, dataset, noisy: NoisyLabels, mesh, progress: Progress, checkpoint=None):
-  """Steps 1 and 2: the AUL (and other dynamics) of every example, and the detector's
-  verdict on them."""
+  """Step 1: the AUL (and other dynamics) of every example, and its network's test error."""
   network = train_network(
     config,
     config.aul,
@@ -249,26 +286,27 @@ def detect(config, dataset, noisy: NoisyLabels, mesh, progress: Progress, checkp
     truth_N=noisy.is_mislabeled if noisy.injected else None,
     checkpoint=checkpoint,
   )
-  verdict = judge(config, network.aul_state, noisy, dataset.num_classes)
   error = test_error(config, network, dataset, mesh)
   progress.scalar('aul/test_error', error, config.aul.epochs)
-  return Detection(network.aul_state, verdict, error)
+  return network.aul_state, error
 
 
 def _history_dtype(config) -> str | None:
   return config.aul.history_dtype if config.aul.record_history else None
 
 
-def _restore_detection(
-  config, checkpoint: StageCheckpoint, noisy: NoisyLabels, num_classes: int, mesh
-) -> Detection:
-  """The finished detection stage, from a checkpoint taken while retraining."""
-  step, meta = checkpoint.resume
-  like = aul.init_aul_state(len(noisy.labels), config.aul.epochs, _history_dtype(config))
-  restored = checkpoint.checkpointer.restore(step, {'detection': train.replicate(like, mesh)})
-  aul_state = restored['detection']
-  verdict = judge(config, aul_state, noisy, num_classes)
-  return Detection(aul_state, verdict, meta['aul_test_error'])
+def _restore_finished(config, checkpointer, resume, noisy: NoisyLabels, mesh, num_runs: int):
+  """From a later stage's checkpoint: the AUL run's state and the threshold runs' AUM."""
+  n = len(noisy.labels)
+  like = {
+    'detection': train.replicate(
+      aul.init_aul_state(n, config.aul.epochs, _history_dtype(config)), mesh
+    ),
+  }
+  if num_runs:  # Saved only once a threshold run has finished.
+    like['threshold_aum'] = np.zeros((num_runs, n), np.float32)
+  restored = checkpointer.restore(resume[0], like)
+  return restored['detection'], list(train.to_host(restored.get('threshold_aum', [])))
 
 
 def retrain_network(
@@ -313,6 +351,12 @@ def _detection_outputs(config, detection: Detection, noisy: NoisyLabels):
   truth = noisy.is_mislabeled if noisy.injected else None
   summary = report.detection_summary(verdict.noise_estimate, verdict.mixture, columns, truth)
   summary['detector'] = {'statistic': config.detector.statistic, 'rule': config.detector.rule}
+  if config.detector.rule == 'threshold':
+    summary['detector'].update(
+      statistic='aum',
+      threshold_runs=config.detector.threshold_runs,
+      threshold_percentile=config.detector.threshold_percentile,
+    )
   summary['aul_model_test_error'] = detection.test_error
   return columns, summary
 
@@ -375,6 +419,38 @@ def _check_same_labels(checkpointer, resume, noisy: NoisyLabels) -> None:
     )
 
 
+def _threshold_runs(config) -> int:
+  return config.detector.threshold_runs if config.detector.rule == 'threshold' else 0
+
+
+def _detection_stages(config, dataset, noisy, mesh, checkpointer, resume, labels, progress):
+  """Steps 1-2 as checkpointed stages: the AUL run ('aul'), then any threshold-sample runs
+  ('threshold0', ...). A later stage's checkpoints carry the earlier stages' results."""
+  num_runs = _threshold_runs(config)
+  stages = ['aul'] + [f'threshold{r}' for r in range(num_runs)] + ['retrain']
+  current = stages.index(resume[1]['stage']) if resume is not None else 0
+  if current == 0:
+    aul_stage = StageCheckpoint(checkpointer, 'aul', 0, resume, labels, {})
+    aul_state, error = detect(config, dataset, noisy, mesh, progress, aul_stage)
+    threshold_aum = []
+  else:
+    done = min(current - 1, num_runs)
+    aul_state, threshold_aum = _restore_finished(config, checkpointer, resume, noisy, mesh, done)
+    error = resume[1]['aul_test_error']
+  for run in range(len(threshold_aum), num_runs):
+    items = {**labels, 'detection': aul_state}
+    if threshold_aum:
+      items['threshold_aum'] = np.asarray(threshold_aum, np.float32)
+    offset = config.aul.epochs * (1 + run)
+    stage = StageCheckpoint(
+      checkpointer, f'threshold{run}', offset, resume, items, {'aul_test_error': error}
+    )
+    threshold_aum.append(threshold_run(config, dataset, noisy, run, mesh, progress, stage))
+  threshold_aum = np.asarray(threshold_aum, np.float32).reshape(num_runs, len(noisy.labels))
+  verdict = judge(config, aul_state, noisy, dataset.num_classes, threshold_aum)
+  return Detection(aul_state, verdict, error), threshold_aum
+
+
 def _train_and_detect(config, dataset, noisy, mesh, checkpointer, progress: Progress):
   """Detection (method 'aul') and retraining, resuming from the newest checkpoint."""
   resume = checkpointer.latest()
@@ -382,17 +458,18 @@ def _train_and_detect(config, dataset, noisy, mesh, checkpointer, progress: Prog
   labels = {'labels': {'labels': noisy.labels, 'is_mislabeled': noisy.is_mislabeled}}
   detection = None
   if config.method == 'aul':
-    aul_stage = StageCheckpoint(checkpointer, 'aul', 0, resume, labels, {})
-    if resume is not None and resume[1]['stage'] == 'retrain':
-      detection = _restore_detection(config, aul_stage, noisy, dataset.num_classes, mesh)
-    else:
-      detection = detect(config, dataset, noisy, mesh, progress, aul_stage)
+    detection, threshold_aum = _detection_stages(
+      config, dataset, noisy, mesh, checkpointer, resume, labels, progress
+    )
   final_error = detection.test_error if detection is not None else None
   if config.retrain.epochs > 0:
     items, meta, offset = labels, {}, 0
     if detection is not None:
       items = {**labels, 'detection': detection.aul_state}
-      meta, offset = {'aul_test_error': detection.test_error}, config.aul.epochs
+      if len(threshold_aum):
+        items['threshold_aum'] = threshold_aum
+      meta = {'aul_test_error': detection.test_error}
+      offset = config.aul.epochs * (1 + _threshold_runs(config))
     stage = StageCheckpoint(checkpointer, 'retrain', offset, resume, items, meta)
     final_error = retrain_network(config, dataset, noisy, detection, mesh, progress, stage)
   return detection, final_error
@@ -435,6 +512,8 @@ def run(
   dataset = data.load_dataset(config.data)
   noisy = inject_noise(dataset, config.noise)
   config_lib.validate_for_data(config, noisy.injected)
+  if _threshold_runs(config) and config.method == 'aul':
+    _threshold_sets(config, noisy, dataset.num_classes)  # Do they fit? Fail before training.
   log(
     f'{dataset.name}: {len(noisy.labels)} training examples, {dataset.num_classes} classes, '
     f'{num_devices} device(s); noise {config.noise.kind} at {config.noise.rate}'

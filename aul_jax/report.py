@@ -36,22 +36,23 @@ def detection_columns(
 
 
 def detection_summary(
-  noise_estimate: float, mixture: gmm.GaussianMixture, columns, is_mislabeled_N=None
+  noise_estimate: float, mixture: gmm.GaussianMixture | None, columns, is_mislabeled_N=None
 ) -> dict:
   """summary.json fields: the noise estimate, the mixture (one per class for per-class
   rules), and metrics of columns['score'] and columns['flagged'] if the truth is known."""
   summary = {
     'noise_estimate': float(noise_estimate),
     'n_flagged': int(columns['flagged'].sum()),
-    'gmm': {
+  }
+  if mixture is not None:  # The threshold-sample rule fits none.
+    summary['gmm'] = {
       'weights': np.asarray(mixture.weights).tolist(),
       'means': np.asarray(mixture.means).tolist(),
       'variances': np.asarray(mixture.variances).tolist(),
       'log_likelihood': np.asarray(mixture.log_likelihood).tolist(),
       'n_iter': np.asarray(mixture.n_iter).tolist(),
       'converged': np.asarray(mixture.converged).tolist(),
-    },
-  }
+    }
   if is_mislabeled_N is not None:
     truth = np.asarray(is_mislabeled_N, bool)
     summary['true_noise_rate'] = float(truth.mean())

@@ -50,8 +50,9 @@ SETTINGS = (
   'pair_flip:0.2',
   'pair_flip:0.4',
 )
-STATISTICS = tuple(detectors.SCORES)
+STATISTICS = (*detectors.SCORES, 'aum,confidence')
 PEERS = ('aum_ts', 'cleanlab', 'dividemix')
+CACHE_VERSION = 2  # Bump when what `collect` computes changes.
 
 
 def load_config(path: str):
@@ -113,13 +114,13 @@ def collect(config, kind: str, rate: float, seed: int, args) -> dict[str, np.nda
   record = {'labels': noisy.labels, 'is_mislabeled': noisy.is_mislabeled, 'num_classes': k}
   network = _train(config, dataset, noisy.labels, jax.random.key(seed))
   record.update({f'stat_{name}': v for name, v in _statistics(network.aul_state).items()})
+  # The threshold-sample runs exactly as the pipeline's detector.rule='threshold' runs them.
+  config.detector.threshold_runs = args.threshold_runs
+  mesh = train.make_mesh(jax.devices()[:1])
   sets = threshold_samples.threshold_sets(len(noisy.labels), k, args.threshold_runs, seed)
   for r, indices in enumerate(sets):
-    labels_r = threshold_samples.relabel(noisy.labels, indices, k)
-    key = jax.random.fold_in(jax.random.key(seed), 10 + r)
-    run = _statistics(_train(config, dataset, labels_r, key, num_classes=k + 1).aul_state)
     record[f'threshold_set_{r}'] = indices
-    record[f'threshold_aum_{r}'] = run['aum']
+    record[f'threshold_aum_{r}'] = pipeline.threshold_run(config, dataset, noisy, r, mesh, _quiet())
   if args.cv_folds:
     record['cv_probs'] = cross_validated_probs(config, dataset, noisy.labels, args.cv_folds, seed)
   return record
@@ -128,7 +129,7 @@ def collect(config, kind: str, rate: float, seed: int, args) -> dict[str, np.nda
 def cache_key(config, kind, rate, seed, args) -> str:
   """What the training runs depend on: not the detector or mixture settings."""
   training = {k: v for k, v in config.to_dict().items() if k not in ('detector', 'gmm')}
-  key = [training, kind, rate, seed, args.threshold_runs, args.cv_folds]
+  key = [training, kind, rate, seed, args.threshold_runs, args.cv_folds, CACHE_VERSION]
   return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -170,3 +170,45 @@ def test_sigterm_from_outside_saves_and_exits_nonzero(tmp_path):
   assert 'rerun the same command to resume' in result.stderr
   assert 'Traceback' not in result.stderr
   assert os.listdir(tmp_path / 'checkpoints') and not (tmp_path / 'scores.csv').exists()
+
+
+def _threshold_config():
+  config = _config()
+  config.detector.rule = 'threshold'
+  config.detector.threshold_runs = 2
+  return config
+
+
+@pytest.fixture(scope='module')
+def uninterrupted_threshold(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('threshold')
+  log = []
+  summary = pipeline.run(_threshold_config(), str(workdir), log=log.append)
+  return summary, _files(workdir), log
+
+
+def test_threshold_rule_trains_its_runs_and_judges_by_them(uninterrupted_threshold):
+  summary, files, log = uninterrupted_threshold
+  assert summary['detector']['rule'] == 'threshold' and 'gmm' not in summary
+  assert any(line.startswith('threshold1 epoch 4/4') for line in log)
+  scores = np.genfromtxt(
+    files['scores.csv'].decode().splitlines(), delimiter=',', names=True, dtype=None
+  )
+  flagged = np.char.lower(scores['flagged'].astype(str)) == 'true'
+  assert summary['noise_estimate'] == pytest.approx(flagged.mean())
+  assert np.isfinite(scores['score']).all()  # Two disjoint sets: everyone judged.
+  assert np.array_equal(flagged, scores['score'] > 0)  # Flagged: AUM below the threshold.
+  assert summary['auroc'] > 0.8
+
+
+@pytest.mark.parametrize('stop_after', ['threshold0 epoch 3/', 'threshold1 epoch 1/'])
+def test_threshold_runs_resume_identically(stop_after, uninterrupted_threshold, tmp_path):
+  summary, files, _ = uninterrupted_threshold
+  with pytest.raises(checkpointing.Preempted):
+    pipeline.run(_threshold_config(), str(tmp_path), log=_stop_at(stop_after))
+  resumed_log = []
+  resumed = pipeline.run(_threshold_config(), str(tmp_path), log=resumed_log.append)
+  assert any(line.startswith('resuming the threshold') for line in resumed_log)
+  assert _files(tmp_path) == files
+  assert resumed['test_error'] == summary['test_error']
+  assert resumed['noise_estimate'] == summary['noise_estimate']

@@ -107,3 +107,31 @@ def test_judge_flags_below_the_threshold_samples_percentile():
   assert margin[i] == pytest.approx(expected)
   with pytest.raises(ValueError, match='2 runs of AUM but 1 threshold sets'):
     threshold_samples.judge(np.stack(aum), sets[:1])
+
+
+def test_several_statistics_are_fit_jointly_and_standardised():
+  # Two statistics in very different units, each alone a weak separator; jointly strong.
+  rng = np.random.default_rng(1)
+  n = 3000
+  truth = rng.random(n) < 0.3
+  aul = np.where(truth, 1.5, 0.0) + rng.normal(0, 1.0, n)  # ~loss units
+  aum = np.where(truth, -150.0, 0.0) + rng.normal(0, 100.0, n)  # 100x larger spread
+  stats = {'aul': aul, 'aum': aum, 'confidence': np.zeros(n), 'last_loss': np.zeros(n)}
+  score = detectors.mislabel_score(stats, 'aul,aum')
+  assert score.shape == (n, 2)
+  joint = detectors.global_mixture(score, n_init=5)
+  alone = [detectors.global_mixture(score[:, d], n_init=5) for d in range(2)]
+  accuracy = lambda v: np.mean((v.p_mislabeled_N > 0.5) == truth)  # noqa: E731
+  assert accuracy(joint) > max(accuracy(v) for v in alone) + 0.03
+  assert abs(joint.noise_estimate - truth.mean()) < 0.03
+  assert joint.score_N.shape == (n,)  # One ranking score: the mean standardised score.
+  per_class = detectors.class_mixtures(score, (np.arange(n) % 3), 3, n_init=5)
+  assert abs(per_class.noise_estimate - truth.mean()) < 0.04
+
+
+def test_statistic_names_are_checked():
+  assert detectors.statistic_names('aum, confidence') == ('aum', 'confidence')
+  with pytest.raises(ValueError, match="unknown statistic 'margin'"):
+    detectors.statistic_names('aum,margin')
+  with pytest.raises(ValueError, match='twice'):
+    detectors.statistic_names('aum,aum')

@@ -153,7 +153,8 @@ GOLDEN = [5.38001156, 4.06242800, 6.37699986, 3.71345186, 5.55872822]
     ('model.dtype', 'float64', 'model.dtype'),
     ('detector.statistic', 'entropy', "detector.statistic='entropy'"),
     ('detector.rule', 'kde', "detector.rule='kde'"),
-    ('detector.rule', 'threshold', 'does not schedule yet'),
+    ('detector.threshold_runs', 1, 'detector.threshold_runs=1'),
+    ('detector.threshold_percentile', 0, 'detector.threshold_percentile=0'),
   ],
 )
 def test_bad_config_fields_are_named(field, value, message):
