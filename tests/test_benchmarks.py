@@ -51,6 +51,24 @@ def test_train_throughput_quick_without_torch():
   assert record['machine']['nproc'] >= 1 and record['machine']['jax'] == jax.__version__
 
 
+def test_train_throughput_quick_against_torch_in_each_dtype():
+  pytest.importorskip('torch')
+  _, record = run_benchmark(
+    'train_throughput.py', '--model', 'mlp', '--dtype', 'float32,bfloat16', '--torch-threads', '1'
+  )
+  # Without a GPU (JAX_PLATFORMS=cpu here, and CI has none) torch runs on the CPU too.
+  assert record['torch_device'] in ('cpu', 'cuda')
+  assert set(record['torch_images_per_s_by_side']) == {
+    'nchw',
+    'channels_last',
+    'nchw_bfloat16',
+    'channels_last_bfloat16',
+  }
+  assert set(record['ratio_vs_torch_by_variant']) == {'library_float32', 'library_bfloat16'}
+  assert all(positive(r) for r in record['ratio_vs_torch_by_variant'].values())
+  assert record['ratio_vs_torch'] == record['ratio_vs_torch_by_variant']['library_float32']
+
+
 def test_aul_overhead_quick():
   _, record = run_benchmark('aul_overhead.py')
   for key in ('overhead', 'history_float32_overhead', 'history_bfloat16_overhead'):
