@@ -69,6 +69,21 @@ def test_train_throughput_quick_against_torch_in_each_dtype():
   assert record['ratio_vs_torch'] == record['ratio_vs_torch_by_variant']['library_float32']
 
 
+def test_aul_run_time_quick():
+  out, record = run_benchmark('aul_run_time.py', '--model', 'lenet')
+  for key in ('compile_s', 'first_epoch_s', 'epoch_s', 'projected_s', 'measured_s', 'floor_s'):
+    assert math.isfinite(record[key]), key
+  for key in ('first_epoch_s', 'epoch_s', 'step_ms', 'projected_s', 'floor_s', 'flops_per_image'):
+    assert positive(record[key]), key
+  assert record['epochs_measured'] == 3 and record['full_run_measured'] is False
+  assert record['steps_per_epoch'] == 8 and record['augment'] is True
+  assert record['projected_s'] > record['first_epoch_s']
+  assert record['flops_per_image'] == record['xla_flops_per_image']  # No table entry for lenet.
+  assert all(positive(r) for r in record['matmul_tflops'].values())
+  assert 0 <= record['last_aul_auroc'] <= 1 and math.isfinite(record['last_loss'])
+  assert 'projected' in out and 'FLOP floor' in out
+
+
 def test_aul_overhead_quick():
   _, record = run_benchmark('aul_overhead.py')
   for key in ('overhead', 'history_float32_overhead', 'history_bfloat16_overhead'):
