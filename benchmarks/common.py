@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def median_seconds(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> list[float]:
@@ -121,3 +122,24 @@ def device_peak_bytes() -> int | None:
   if not stats:
     return None
   return int(stats.get('peak_bytes_in_use', 0)) or None
+
+
+def matmul_tflops(
+  dtype: str, *, size: int, repeats: int = 10, precision: str | None = None
+) -> float:
+  """Measured dense matrix-product rate, in TFLOP/s, of a size^3 product on the default device.
+
+  The compute ceiling that a run's FLOP floor is measured against. Random operands (not
+  zeros, which some GPUs multiply faster); `repeats` products dispatched back to back after
+  a warm-up, timed to the last one's completion. `precision` is lax's ('highest' for true
+  float32; None is the backend's default, TF32 for float32 on recent NVIDIA GPUs).
+  """
+  kx, ky = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (size, size), jnp.dtype(dtype))
+  y = jax.random.normal(ky, (size, size), jnp.dtype(dtype))
+  product = jax.jit(lambda x, y: jnp.matmul(x, y, precision=precision))
+  jax.block_until_ready(product(x, y))
+  start = time.perf_counter()
+  out = [product(x, y) for _ in range(repeats)]
+  jax.block_until_ready(out)
+  return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12

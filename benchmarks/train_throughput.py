@@ -5,16 +5,20 @@ one `lax.scan` under `jax.shard_map`, per-example losses scattered into the AUL 
 The PyTorch side runs the same architecture, SGD (momentum 0.9, weight decay), train-mode
 BatchNorm, and per-example cross-entropy (reduction='none') scattered by index into an
 accumulator tensor, in NCHW and in channels_last; the faster layout is `torch_images_per_s`.
-Both see random 32x32x3 data, are warmed up, and are timed interleaved epoch by epoch.
+It runs on CUDA when torch sees a GPU (`--torch-device`), so that on a GPU machine the ratio
+is JAX on the GPU against PyTorch on the GPU; each `--dtype` is timed on both sides
+(bfloat16 is `torch.autocast` there). Both see random 32x32x3 data, are warmed up, and are
+timed interleaved epoch by epoch.
 
   .venv/bin/python benchmarks/train_throughput.py --model resnet20
 
 `--conv-impl` selects the convolution's backward pass (see docs/benchmarks.md):
-  canonical_vjp  (default) a custom VJP whose input and weight gradients are convolutions
-                 already in XLA:CPU's canonical layout. Inside a scan (a while loop) XLA:CPU
-                 does not canonicalise lax's own gradient convolutions and runs them ~100x
-                 slower.
-  library        the models exactly as aul_jax builds them.
+  library        (default) the models exactly as aul_jax builds them: canonical_vjp on a
+                 CPU (aul_jax/models/conv.py), lax's own convolution on a GPU or TPU.
+  canonical_vjp  a custom VJP whose input and weight gradients are convolutions already in
+                 XLA:CPU's canonical layout, on every backend. Inside a scan (a while loop)
+                 XLA:CPU does not canonicalise lax's own gradient convolutions and runs them
+                 ~100x slower.
   im2col_vjp     as canonical_vjp, but the weight gradient is im2col patches times a matmul.
 A comma-separated list of impls (and of `--dtype`s) times every pair in the same run; the
 first pair is the headline `images_per_s`.
@@ -217,41 +221,69 @@ def torch_model(name: str) -> Any:
   return resnet(int(name.removeprefix('resnet')))
 
 
-class TorchEpoch:
-  """One call = one epoch of `steps` SGD steps with per-example losses scattered by index."""
+def torch_device(name: str) -> str:
+  """'cuda' or 'cpu' for `--torch-device`; 'auto' is CUDA whenever torch sees a GPU."""
+  if name != 'auto':
+    return name
+  import torch
 
-  def __init__(self, model_name, *, batch_size, steps, channels_last, data, threads):
+  return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+class TorchEpoch:
+  """One call = one epoch of `steps` SGD steps with per-example losses scattered by index.
+
+  On 'cuda' everything (model, data, accumulator, shuffle) lives on the GPU, cuDNN picks its
+  fastest algorithms (`cudnn.benchmark`), and the call ends with `torch.cuda.synchronize()`
+  so that the host clock read after it covers the GPU's work. bfloat16 is the usual
+  `torch.autocast` mixed precision (float32 parameters, bfloat16 convolutions).
+  """
+
+  def __init__(self, model_name, *, batch_size, steps, channels_last, data, threads, device, dtype):
     import torch
 
     torch.set_num_threads(threads)
     self.torch = torch
+    self.device = device
+    if device == 'cuda':
+      torch.backends.cudnn.benchmark = True
     self.batch_size, self.steps = batch_size, steps
     self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    self.model = torch_model(model_name).train().to(memory_format=self.memory_format)
+    self.model = torch_model(model_name).train().to(device, memory_format=self.memory_format)
     images = torch.from_numpy(np.ascontiguousarray(data['image'].transpose(0, 3, 1, 2)))
-    self.images = images.contiguous(memory_format=self.memory_format)
-    self.labels = torch.from_numpy(data['label'].astype(np.int64))
-    self.accumulator = torch.zeros(len(self.labels))
+    self.images = images.to(device).contiguous(memory_format=self.memory_format)
+    self.labels = torch.from_numpy(data['label'].astype(np.int64)).to(device)
+    self.accumulator = torch.zeros(len(self.labels), device=device)
     self.optimizer = torch.optim.SGD(
       self.model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
     )
+    self.autocast = torch.autocast(device, torch.bfloat16, enabled=dtype == 'bfloat16')
 
   def __call__(self) -> None:
     torch = self.torch
-    order = torch.randperm(len(self.labels))
+    order = torch.randperm(len(self.labels), device=self.device)
     for step in range(self.steps):
       index = order[step * self.batch_size : (step + 1) * self.batch_size]
       images = self.images[index].contiguous(memory_format=self.memory_format)
+      with self.autocast:
+        logits = self.model(images)
       loss_b = torch.nn.functional.cross_entropy(
-        self.model(images), self.labels[index], reduction='none'
+        logits.float(), self.labels[index], reduction='none'
       )
       self.accumulator.index_add_(0, index, loss_b.detach())
       self.optimizer.zero_grad(set_to_none=True)
       loss_b.mean().backward()
       self.optimizer.step()
+    if self.device == 'cuda':
+      torch.cuda.synchronize()  # The GPU runs asynchronously; the caller reads a host clock.
 
 
 # The benchmark.
+
+
+def torch_side(layout: str, dtype: str) -> str:
+  """A PyTorch side's name: torch_nchw, torch_channels_last (float32), or with _bfloat16."""
+  return f'torch_{layout}' + ('' if dtype == 'float32' else f'_{dtype}')
 
 
 def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -275,7 +307,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument(
     '--conv-impl',
     type=_choices(CONV_IMPLS),
-    default=['canonical_vjp'],
+    default=['library'],
     help=f'one or more (comma-separated) of {", ".join(CONV_IMPLS)}',
   )
   parser.add_argument(
@@ -287,6 +319,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--num-devices', type=int, default=1)
   parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch side')
   parser.add_argument('--torch-threads', type=int, default=os.cpu_count() or 1)
+  parser.add_argument(
+    '--torch-device',
+    choices=('auto', 'cpu', 'cuda'),
+    default='auto',
+    help='where the PyTorch side runs; auto: CUDA when torch sees a GPU, else the CPU',
+  )
   parser.add_argument('--quick', action='store_true', help='tiny sizes, for tests')
   args = parser.parse_args(argv)
   if args.quick:
@@ -312,16 +350,20 @@ def main(argv=None) -> dict[str, Any]:
       data=data,
     )
   version = None if args.no_torch else torch_version()
+  device = None if version is None else torch_device(args.torch_device)
   if version is not None:
-    for layout in ('nchw', 'channels_last'):
-      sides[f'torch_{layout}'] = TorchEpoch(
-        args.model,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        channels_last=layout == 'channels_last',
-        data=data,
-        threads=args.torch_threads,
-      )
+    for dtype in args.dtype:
+      for layout in ('nchw', 'channels_last'):
+        sides[torch_side(layout, dtype)] = TorchEpoch(
+          args.model,
+          batch_size=args.batch_size,
+          steps=args.steps,
+          channels_last=layout == 'channels_last',
+          data=data,
+          threads=args.torch_threads,
+          device=device,
+          dtype=dtype,
+        )
   for run in sides.values():
     common.median_seconds(run, repeats=0, warmup=args.warmup)
   times: dict[str, list[float]] = {name: [] for name in sides}
@@ -347,15 +389,31 @@ def main(argv=None) -> dict[str, Any]:
     print(f'PyTorch side skipped: {reason}')
     record['torch'] = f'skipped: {reason}'
   else:
-    best = max(('torch_nchw', 'torch_channels_last'), key=rate.get)
+    # Each JAX dtype against PyTorch's faster layout in the same dtype; the headline is
+    # the first JAX variant's.
+    best = {
+      d: max((torch_side(lay, d) for lay in ('nchw', 'channels_last')), key=rate.get)
+      for d in args.dtype
+    }
+    headline = best[variants[0][1]]
     record.update(
-      torch_images_per_s=round(rate[best], 2),
-      ratio_vs_torch=round(rate[jax_sides[0]] / rate[best], 3),
-      torch_layout=best.removeprefix('torch_'),
-      torch_nchw_images_per_s=round(rate['torch_nchw'], 2),
-      torch_channels_last_images_per_s=round(rate['torch_channels_last'], 2),
+      torch_images_per_s=round(rate[headline], 2),
+      ratio_vs_torch=round(rate[jax_sides[0]] / rate[headline], 3),
+      torch_layout='channels_last' if 'channels_last' in headline else 'nchw',
+      torch_nchw_images_per_s=round(rate[torch_side('nchw', variants[0][1])], 2),
+      torch_channels_last_images_per_s=round(rate[torch_side('channels_last', variants[0][1])], 2),
+      torch_images_per_s_by_side={
+        name.removeprefix('torch_'): round(rate[name], 2)
+        for name in times
+        if name.startswith('torch_')
+      },
+      ratio_vs_torch_by_variant={
+        name.removeprefix('jax_'): round(rate[name] / rate[best[dtype]], 3)
+        for name, (_, dtype) in zip(jax_sides, variants, strict=True)
+      },
       torch=version,
-      torch_threads=sides[best].torch.get_num_threads(),
+      torch_device=device,
+      torch_threads=sides[headline].torch.get_num_threads(),
     )
   record.update(
     conv_impl=variants[0][0],

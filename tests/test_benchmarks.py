@@ -51,6 +51,39 @@ def test_train_throughput_quick_without_torch():
   assert record['machine']['nproc'] >= 1 and record['machine']['jax'] == jax.__version__
 
 
+def test_train_throughput_quick_against_torch_in_each_dtype():
+  pytest.importorskip('torch')
+  _, record = run_benchmark(
+    'train_throughput.py', '--model', 'mlp', '--dtype', 'float32,bfloat16', '--torch-threads', '1'
+  )
+  # Without a GPU (JAX_PLATFORMS=cpu here, and CI has none) torch runs on the CPU too.
+  assert record['torch_device'] in ('cpu', 'cuda')
+  assert set(record['torch_images_per_s_by_side']) == {
+    'nchw',
+    'channels_last',
+    'nchw_bfloat16',
+    'channels_last_bfloat16',
+  }
+  assert set(record['ratio_vs_torch_by_variant']) == {'library_float32', 'library_bfloat16'}
+  assert all(positive(r) for r in record['ratio_vs_torch_by_variant'].values())
+  assert record['ratio_vs_torch'] == record['ratio_vs_torch_by_variant']['library_float32']
+
+
+def test_aul_run_time_quick():
+  out, record = run_benchmark('aul_run_time.py', '--model', 'lenet')
+  for key in ('compile_s', 'first_epoch_s', 'epoch_s', 'projected_s', 'measured_s', 'floor_s'):
+    assert math.isfinite(record[key]), key
+  for key in ('first_epoch_s', 'epoch_s', 'step_ms', 'projected_s', 'floor_s', 'flops_per_image'):
+    assert positive(record[key]), key
+  assert record['epochs_measured'] == 3 and record['full_run_measured'] is False
+  assert record['steps_per_epoch'] == 8 and record['augment'] is True
+  assert record['projected_s'] > record['first_epoch_s']
+  assert record['flops_per_image'] == record['xla_flops_per_image']  # No table entry for lenet.
+  assert all(positive(r) for r in record['matmul_tflops'].values())
+  assert 0 <= record['last_aul_auroc'] <= 1 and math.isfinite(record['last_loss'])
+  assert 'projected' in out and 'FLOP floor' in out
+
+
 def test_aul_overhead_quick():
   _, record = run_benchmark('aul_overhead.py')
   keys = ('overhead', 'aul_only_overhead', 'history_float32_overhead', 'history_bfloat16_overhead')
