@@ -3,6 +3,10 @@
 Each statistic is turned into a mislabeling score (higher = more suspicious). Several,
 comma-separated ('aum,confidence'), are standardised and fit jointly by a diagonal
 mixture. A rule turns scores into p(mislabeled | scores) and a noise-rate estimate:
+  sign       AUM only: flagged when the mean margin is negative, i.e. when, averaged over
+             training, some other class out-scored the given label; the estimate is the
+             flagged fraction and p(mislabeled) is the 0/1 flag. No fit, so no fit to fail:
+             it holds where the AUM is not bimodal (80% uniform noise, docs/detection.md);
   gmm        one 2-component Gaussian mixture over all examples (the paper's rule);
   class_gmm  one mixture per given label, so a class whose examples are all harder (or
              a class that absorbs another's flipped labels) gets its own clean and noisy
@@ -27,7 +31,9 @@ SCORES: dict[str, Callable[[dict], np.ndarray]] = {
   'confidence': lambda s: -s['confidence'],
   'last_loss': lambda s: s['last_loss'],
 }
-RULES = ('gmm', 'class_gmm')
+RULES = ('sign', 'gmm', 'class_gmm')
+# Statistics whose natural decision boundary is a score of 0 (margin = 0: a tie).
+SIGNED = ('aum',)
 
 
 class Verdict(NamedTuple):
@@ -111,7 +117,18 @@ def class_mixtures(
   return Verdict(_summary_score(score), np.asarray(p_N), estimate, mixtures)
 
 
+def margin_sign(score_N) -> Verdict:
+  """Flags every example with a positive score (for the AUM: a negative mean margin)."""
+  score_N = np.asarray(score_N, np.float64)
+  if score_N.ndim != 1:
+    raise ValueError('rule sign takes one statistic, the AUM')
+  flagged_N = score_N > 0
+  return Verdict(score_N, flagged_N.astype(np.float64), float(flagged_N.mean()), None)
+
+
 def run_rule(rule: str, score, labels_N, num_classes: int, **fit_options) -> Verdict:
+  if rule == 'sign':
+    return margin_sign(score)
   if rule == 'gmm':
     return global_mixture(score, **fit_options)
   if rule == 'class_gmm':
@@ -119,8 +136,18 @@ def run_rule(rule: str, score, labels_N, num_classes: int, **fit_options) -> Ver
   raise ValueError(f'unknown rule {rule!r}; known: {", ".join(RULES)}')
 
 
+def check(statistic: str, rule: str) -> None:
+  """Raises ValueError for an unknown statistic or rule, or a pair that does not go together."""
+  names = statistic_names(statistic)
+  if rule not in RULES:
+    raise ValueError(f'unknown rule {rule!r}; known: {", ".join(RULES)}')
+  if rule == 'sign' and names not in [(name,) for name in SIGNED]:
+    raise ValueError(f'rule sign needs a margin statistic ({", ".join(SIGNED)}), not {statistic!r}')
+
+
 def detect(statistics: dict, labels_N, num_classes: int, detector_config, gmm_config) -> Verdict:
   """The configured detector (`config.detector`) on a run's statistics (`aul.statistics`)."""
+  check(detector_config.statistic, detector_config.rule)
   score = mislabel_score(statistics, detector_config.statistic)
   return run_rule(
     detector_config.rule,

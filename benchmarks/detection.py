@@ -189,7 +189,12 @@ def dividemix(record, num_classes):
 
 
 def all_detectors(config, with_cleanlab: bool) -> dict:
-  found = {f'{s}+{r}': ours(s, r, config.gmm) for s in STATISTICS for r in detectors.RULES}
+  found = {
+    f'{s}+{r}': ours(s, r, config.gmm)
+    for s in STATISTICS
+    for r in detectors.RULES
+    if r != 'sign' or s in detectors.SIGNED
+  }
   found['aum_ts'] = aum_threshold_samples
   if with_cleanlab:
     found['cleanlab'] = cleanlab_detector

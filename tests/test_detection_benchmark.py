@@ -20,11 +20,12 @@ def test_quick_run_scores_every_detector_on_both_noise_kinds(quick, capsys):
   assert set(record['results']) == {'uniform:0.4', 'pair_flip:0.4'}
   for setting, by_detector in record['results'].items():
     expected = {f'{s}+{r}' for s in detection.STATISTICS for r in ('gmm', 'class_gmm')}
+    expected.add('aum+sign')
     assert set(by_detector) == expected | set(detection.PEERS), setting
     for name, row in by_detector.items():
       assert 0.5 < row['auroc'] <= 1.0, (setting, name)  # Better than chance after 3 epochs.
       assert all(math.isfinite(v) for v in row.values()), (setting, name)
-  assert record['default_detector'] == 'aum+gmm'
+  assert record['default_detector'] == 'aum+sign'
   for verdict in record['headline'].values():
     assert verdict['best_peer'] in detection.PEERS
     assert verdict['f1_gain'] == pytest.approx(verdict['f1'] - verdict['peer_f1'], abs=2e-3)

@@ -135,3 +135,27 @@ def test_statistic_names_are_checked():
     detectors.statistic_names('aum,margin')
   with pytest.raises(ValueError, match='twice'):
     detectors.statistic_names('aum,aum')
+
+
+def test_sign_rule_flags_negative_margins_and_estimates_their_fraction():
+  aum = np.array([2.0, -0.5, 0.1, -3.0, 0.0])
+  verdict = detectors.detect(
+    {'aum': aum},
+    np.zeros(5, int),
+    2,
+    ml_collections.ConfigDict({'statistic': 'aum', 'rule': 'sign'}),
+    ml_collections.ConfigDict({'max_iter': 10, 'tol': 1e-3, 'n_init': 1}),
+  )
+  np.testing.assert_array_equal(verdict.p_mislabeled_N, [0, 1, 0, 1, 0])  # A tie is clean.
+  np.testing.assert_array_equal(verdict.score_N, -aum)
+  assert verdict.noise_estimate == pytest.approx(0.4) and verdict.mixture is None
+
+
+def test_rule_and_statistic_must_go_together():
+  detectors.check('aum', 'sign')
+  detectors.check('aul,aum', 'class_gmm')
+  for statistic in ('aul', 'confidence', 'aum,confidence'):
+    with pytest.raises(ValueError, match='rule sign needs a margin statistic'):
+      detectors.check(statistic, 'sign')
+  with pytest.raises(ValueError, match="unknown rule 'kde'"):
+    detectors.check('aum', 'kde')

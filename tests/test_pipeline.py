@@ -32,11 +32,11 @@ def digits_run(tmp_path_factory):
 
 
 def test_digits_detects_uniform_noise(digits_run):
-  # The default detector (AUM, one mixture), measured over noise/training seeds 0-2 by
-  # benchmarks/detection.py (docs/detection.md): AUROC 0.998, noise estimate 0.406,
-  # precision 0.967, recall 0.980, F1 0.974 (the paper's AUL: 0.997, 0.433, 0.930, 0.990).
+  # The default detector (a negative AUM), measured over noise/training seeds 0-2 by
+  # benchmarks/detection.py (docs/detection.md): AUROC 0.998, noise estimate 0.409,
+  # precision 0.962, recall 0.985, F1 0.973 (the paper's AUL: 0.997, 0.433, 0.930, 0.990).
   summary, _ = digits_run
-  assert summary['detector'] == {'statistic': 'aum', 'rule': 'gmm'}
+  assert summary['detector'] == {'statistic': 'aum', 'rule': 'sign'}
   assert summary['true_noise_rate'] == pytest.approx(0.4, abs=1e-3)
   assert summary['auroc'] >= 0.99
   assert abs(summary['noise_estimate'] - 0.4) <= 0.03
@@ -86,10 +86,10 @@ def test_digits_outputs_are_consistent(digits_run):
     assert os.path.getsize(os.path.join(workdir, f'{figure}.png')) > 1000
   assert summary['n_flagged'] == int(scores['flagged'].sum())
   assert np.mean(scores['label'] != scores['true_label']) == pytest.approx(0.4, abs=1e-3)
-  # The mislabeled component is the one with the higher mean, and its weight is the estimate.
-  gmm = summary['gmm']
-  assert gmm['means'][1] > gmm['means'][0]
-  assert summary['noise_estimate'] == pytest.approx(gmm['weights'][1])
+  # The default rule flags a negative AUM; the estimate is the flagged fraction.
+  assert 'gmm' not in summary
+  np.testing.assert_array_equal(scores['flagged'], scores['aum'] < 0)
+  assert summary['noise_estimate'] == pytest.approx(scores['flagged'].mean())
   history = np.load(os.path.join(workdir, 'aul_history.npy'))
   assert history.shape == (1437, 20)
   np.testing.assert_allclose(history.sum(1), scores['aul'], rtol=1e-5)
@@ -153,6 +153,7 @@ GOLDEN = [5.38001156, 4.06242800, 6.37699986, 3.71345186, 5.55872822]
     ('model.dtype', 'float64', 'model.dtype'),
     ('detector.statistic', 'entropy', "detector.statistic='entropy'"),
     ('detector.rule', 'kde', "detector.rule='kde'"),
+    ('detector.statistic', 'aul', 'rule sign needs a margin statistic'),
     ('detector.threshold_runs', 1, 'detector.threshold_runs=1'),
     ('detector.threshold_percentile', 0, 'detector.threshold_percentile=0'),
   ],
