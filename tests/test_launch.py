@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.test_pipeline import SCORES_COLUMNS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -149,23 +151,7 @@ def test_npz_run_writes_documented_outputs(tmp_path):
   assert result.returncode == 0, result.stderr
   with open(workdir / 'scores.csv') as f:
     rows = list(csv.DictReader(f))
-  assert list(rows[0]) == [
-    'index',
-    'label',
-    'aul',
-    'aum',
-    'confidence',
-    'variability',
-    'correctness',
-    'forgetting_events',
-    'never_learned',
-    'last_loss',
-    'score',
-    'p_mislabeled',
-    'flagged',
-    'label_issue',
-    'label_quality',
-  ]
+  assert tuple(rows[0]) == SCORES_COLUMNS
   assert [int(r['index']) for r in rows] == list(range(40))
   summary = json.loads((workdir / 'summary.json').read_text())
   assert summary['n_train'] == 40 and 0 <= summary['noise_estimate'] <= 1

@@ -22,6 +22,26 @@ def load_config(name):
   return module.get_config()
 
 
+# scores.csv of a detection run, as docs/outputs.md documents it (plus the truth if injected).
+SCORES_COLUMNS = (
+  'index',
+  'label',
+  'aul',
+  'aum',
+  'confidence',
+  'variability',
+  'correctness',
+  'forgetting_events',
+  'never_learned',
+  'last_loss',
+  'score',
+  'p_mislabeled',
+  'flagged',
+  'label_issue',
+  'label_quality',
+)
+
+
 @pytest.fixture(scope='module')
 def digits_run(tmp_path_factory):
   """configs/digits.py as shipped: 40% uniform noise, LeNet, 20 epochs."""
@@ -50,25 +70,7 @@ def test_digits_outputs_are_consistent(digits_run):
   scores = np.genfromtxt(
     os.path.join(workdir, 'scores.csv'), delimiter=',', names=True, dtype=None, encoding='utf-8'
   )
-  assert scores.dtype.names == (
-    'index',
-    'label',
-    'aul',
-    'aum',
-    'confidence',
-    'variability',
-    'correctness',
-    'forgetting_events',
-    'never_learned',
-    'last_loss',
-    'score',
-    'p_mislabeled',
-    'flagged',
-    'label_issue',
-    'label_quality',
-    'true_label',
-    'is_mislabeled',
-  )
+  assert scores.dtype.names == (*SCORES_COLUMNS, 'true_label', 'is_mislabeled')
   assert len(scores) == summary['n_train'] == 1437
   np.testing.assert_array_equal(scores['index'], np.arange(1437))
   np.testing.assert_array_equal(scores['score'], -scores['aum'])  # The default detector's.
