@@ -191,4 +191,9 @@ def test_streamed_input_gives_the_same_scores(tmp_path):
     config.data.input = mode
     pipeline.run(config, str(tmp_path / mode), log=lambda _: None)
     scores[mode] = np.genfromtxt(tmp_path / mode / 'scores.csv', delimiter=',', names=True)
-  np.testing.assert_allclose(scores['stream']['aul'], scores['device']['aul'], rtol=1e-5)
+  for column in ('aul', 'aum', 'confidence', 'variability', 'last_loss'):
+    np.testing.assert_allclose(
+      scores['stream'][column], scores['device'][column], rtol=1e-5, atol=1e-6, err_msg=column
+    )
+  for column in ('correctness', 'forgetting_events', 'flagged'):
+    np.testing.assert_array_equal(scores['stream'][column], scores['device'][column])
