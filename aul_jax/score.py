@@ -2,12 +2,15 @@
 
 For PyTorch or TensorFlow users who only want the detector: give per-example training
 losses per epoch (or per-epoch logits and labels), get the same scores.csv,
-summary.json, ranked_issues.csv and figures as a full aul_jax run.
+summary.json, ranked_issues.csv and figures as a full aul_jax run. Losses alone give the
+AUL and the paper's mixture; logits also give the AUM and the other training dynamics,
+and then the default detector of a full run (a negative AUM; docs/detection.md).
 
   python -m aul_jax.score --losses losses.npy --workdir out          # (N, T) array
   python -m aul_jax.score --losses losses.csv --workdir out          # one row per example
   python -m aul_jax.score --logits logits.npy --labels y.npy --workdir out  # (T, N, K)
   ... --truth is_mislabeled.npy   # adds AUROC, precision, recall and F1
+  ... --statistic=aul --rule=gmm   # another detector (aul_jax.detectors)
 """
 
 import os
@@ -15,11 +18,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
 
 from aul_jax import config as config_lib
-from aul_jax import figures, gmm, outputs, report
+from aul_jax import detectors, dynamics, figures, gmm, losses, outputs, report
 from aul_jax.errors import UserInputError
 
 
@@ -65,6 +69,39 @@ def losses_from_logits(logits_TxNxK: np.ndarray, labels_N: np.ndarray) -> np.nda
   return np.asarray(-picked).T
 
 
+def statistics_from_logits(logits_TxNxK: np.ndarray, labels_N: np.ndarray) -> dict:
+  """The AUL and every `dynamics.statistics` of (T, N, K) per-epoch logits, as (N,) arrays,
+  folded epoch by epoch exactly as a training run folds them."""
+  labels = jnp.asarray(labels_N)
+
+  @jax.jit
+  def fold(state, logits_NxK):
+    aul_N, dyn = state
+    loss_N = losses.cross_entropy(logits_NxK, labels)
+    epoch = {'loss': loss_N, **dynamics.per_example(logits_NxK, labels)}
+    epoch = {k: v.astype(jnp.float32) for k, v in epoch.items()}
+    return (aul_N + loss_N, dynamics.add_epoch(dyn, epoch)), None
+
+  init = (jnp.zeros(len(labels_N), jnp.float32), dynamics.init_dynamics(len(labels_N)))
+  (aul_N, dyn), _ = jax.lax.scan(fold, init, jnp.asarray(logits_TxNxK, jnp.float32))
+  stats = {'aul': aul_N, **dynamics.statistics(dyn)}
+  return {k: np.asarray(v, np.float64) for k, v in stats.items()}
+
+
+def load_logits(logits_path: str, labels_path: str | None):
+  """((T, N, K) float logits, (N,) labels) from the user's files, validated."""
+  if labels_path is None:
+    raise UserInputError('--logits needs --labels (the given label of each example)')
+  logits = _load_array(logits_path, 'logits')
+  if logits.ndim != 3 or 0 in logits.shape or not np.issubdtype(logits.dtype, np.floating):
+    raise UserInputError(
+      f'logits file {logits_path}: expected a float (T, N, K) array, got shape {logits.shape} '
+      f'of {logits.dtype}'
+    )
+  _check_finite(logits, logits_path, 'logits')
+  return logits, _load_labels(labels_path, logits.shape[1], logits.shape[2])
+
+
 def load_losses(losses_path=None, logits_path=None, labels_path=None):
   """(losses (N, T) float, labels (N,) or None) from the user's files, validated."""
   if (losses_path is None) == (logits_path is None):
@@ -81,16 +118,7 @@ def load_losses(losses_path=None, logits_path=None, labels_path=None):
     _check_finite(losses, losses_path, 'losses')
     labels = None if labels_path is None else _load_labels(labels_path, len(losses), None)
     return losses.astype(np.float64), labels
-  if labels_path is None:
-    raise UserInputError('--logits needs --labels (the given label of each example)')
-  logits = _load_array(logits_path, 'logits')
-  if logits.ndim != 3 or 0 in logits.shape or not np.issubdtype(logits.dtype, np.floating):
-    raise UserInputError(
-      f'logits file {logits_path}: expected a float (T, N, K) array, got shape {logits.shape} '
-      f'of {logits.dtype}'
-    )
-  _check_finite(logits, logits_path, 'logits')
-  labels = _load_labels(labels_path, logits.shape[1], logits.shape[2])
+  logits, labels = load_logits(logits_path, labels_path)
   return losses_from_logits(logits, labels).astype(np.float64), labels
 
 
@@ -122,16 +150,50 @@ def load_truth(path: str, num_examples: int) -> np.ndarray:
   return truth.astype(bool)
 
 
-def score(losses_NxT: np.ndarray, *, labels_N=None, is_mislabeled_N=None, max_iter=1000, tol=1e-7):
-  """AUL, the 2-component mixture and every output file's contents for given trajectories.
+def default_detector(has_logits: bool) -> tuple[str, str]:
+  """(statistic, rule): a full run's default with logits; the paper's with losses alone."""
+  return ('aum', 'sign') if has_logits else ('aul', 'gmm')
 
-  Returns (scores columns, summary, figures) ready for `outputs.write_run_outputs`.
+
+def score(
+  losses_NxT: np.ndarray,
+  *,
+  labels_N=None,
+  is_mislabeled_N=None,
+  statistics=None,
+  statistic='aul',
+  rule='gmm',
+  max_iter=1000,
+  tol=1e-7,
+  n_init=10,
+):
+  """The configured detector and every output file's contents for given trajectories.
+
+  `statistics` (from `statistics_from_logits`) holds the dynamics when logits were given;
+  without them only the AUL ('aul') and the last loss ('last_loss') are known. Returns
+  (scores columns, summary, figures) ready for `outputs.write_run_outputs`.
   """
-  aul_N = np.asarray(losses_NxT, np.float64).sum(axis=1)
+  losses_NxT = np.asarray(losses_NxT, np.float64)
+  aul_N = losses_NxT.sum(axis=1)
+  if statistics is None:
+    statistics = {'aul': aul_N, 'last_loss': losses_NxT[:, -1]}
+  try:
+    detectors.check(statistic, rule)
+    verdict = detectors.detect(
+      statistics,
+      labels_N,
+      None if labels_N is None else int(np.max(labels_N)) + 1,
+      ml_collections.ConfigDict({'statistic': statistic, 'rule': rule}),
+      ml_collections.ConfigDict({'max_iter': max_iter, 'tol': tol, 'n_init': n_init}),
+    )
+  except KeyError as e:
+    raise UserInputError(f'statistic {statistic!r} needs --logits (it uses {e})') from None
+  except ValueError as e:
+    raise UserInputError(str(e)) from None
+  # The paper's figures show the AUL and its mixture, whichever detector ran.
   mixture = gmm.sort_by_mean(gmm.fit(jnp.asarray(aul_N, jnp.float32), max_iter=max_iter, tol=tol))
-  p_N = np.asarray(gmm.mislabel_probability(mixture, jnp.asarray(aul_N, jnp.float32)))
   mixture = jax.tree.map(np.asarray, mixture)
-  columns = report.detection_columns(aul_N, p_N)
+  columns = report.detection_columns(aul_N, verdict.p_mislabeled_N, verdict.score_N, statistics)
   scores = {'index': np.arange(len(aul_N))}
   if labels_N is not None:
     scores['label'] = labels_N
@@ -139,8 +201,10 @@ def score(losses_NxT: np.ndarray, *, labels_N=None, is_mislabeled_N=None, max_it
   if is_mislabeled_N is not None:
     scores['is_mislabeled'] = is_mislabeled_N
   summary = {'n_train': len(aul_N), 'n_epochs': losses_NxT.shape[1]}
-  estimate = gmm.noise_fraction(mixture)
-  summary.update(report.detection_summary(estimate, mixture, columns, is_mislabeled_N))
+  summary.update(
+    report.detection_summary(verdict.noise_estimate, verdict.mixture, columns, is_mislabeled_N)
+  )
+  summary['detector'] = {'statistic': statistic, 'rule': rule}
   pictures = figures.run_figures(
     aul_N=aul_N,
     mixture=mixture,
@@ -150,12 +214,35 @@ def score(losses_NxT: np.ndarray, *, labels_N=None, is_mislabeled_N=None, max_it
   return scores, summary, pictures
 
 
-def score_files(workdir: str, *, losses=None, logits=None, labels=None, truth=None) -> dict:
-  """Reads the files, scores them and writes the outputs into `workdir`; returns the summary."""
+def score_files(
+  workdir: str, *, losses=None, logits=None, labels=None, truth=None, statistic=None, rule=None
+) -> dict:
+  """Reads the files, scores them and writes the outputs into `workdir`; returns the summary.
+
+  `statistic` and `rule` default to `default_detector` of what was given.
+  """
   config_lib.check_workdir(workdir)
-  losses_NxT, labels_N = load_losses(losses, logits, labels)
+  statistics = None
+  if logits is None or losses is not None:
+    losses_NxT, labels_N = load_losses(losses, logits, labels)  # Also refuses both at once.
+  else:
+    logits_TxNxK, labels_N = load_logits(logits, labels)
+    losses_NxT = losses_from_logits(logits_TxNxK, labels_N).astype(np.float64)
+    statistics = statistics_from_logits(logits_TxNxK, labels_N)
+  default_statistic, default_rule = default_detector(statistics is not None)
+  statistic = statistic or default_statistic
+  rule = rule or (default_rule if statistic == default_statistic else 'gmm')
+  if rule == 'class_gmm' and labels_N is None:
+    raise UserInputError('rule class_gmm fits one mixture per given label: give --labels')
   truth_N = None if truth is None else load_truth(truth, len(losses_NxT))
-  scores, summary, pictures = score(losses_NxT, labels_N=labels_N, is_mislabeled_N=truth_N)
+  scores, summary, pictures = score(
+    losses_NxT,
+    labels_N=labels_N,
+    is_mislabeled_N=truth_N,
+    statistics=statistics,
+    statistic=statistic,
+    rule=rule,
+  )
   summary['inputs'] = {'losses': losses, 'logits': logits, 'labels': labels, 'truth': truth}
   outputs.write_run_outputs(
     workdir, scores, summary, None, pictures, {'ranked_issues.csv': report.ranked_issues(scores)}
@@ -168,6 +255,15 @@ _LOGITS = flags.DEFINE_string('logits', None, '(T, N, K) per-epoch logits: .npy 
 _LABELS = flags.DEFINE_string('labels', None, '(N,) given labels, needed with --logits.')
 _TRUTH = flags.DEFINE_string('truth', None, '(N,) known mislabeled mask, for metrics.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the outputs.')
+_STATISTIC = flags.DEFINE_string(
+  'statistic',
+  None,
+  'aul, last_loss; with --logits also aum, confidence (default: aum with '
+  'logits, else aul). Several, comma-separated, are fit jointly.',
+)
+_RULE = flags.DEFINE_string(
+  'rule', None, 'sign (aum only), gmm or class_gmm (default: sign for aum, else gmm).'
+)
 
 
 def main(argv: list[str]) -> int:
@@ -180,6 +276,8 @@ def main(argv: list[str]) -> int:
       logits=_LOGITS.value,
       labels=_LABELS.value,
       truth=_TRUTH.value,
+      statistic=_STATISTIC.value,
+      rule=_RULE.value,
     )
   except UserInputError as e:
     print(f'error: {e}', file=sys.stderr)

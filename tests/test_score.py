@@ -95,6 +95,44 @@ def test_cli_with_logits_and_labels(tmp_path):
   assert result.returncode == 0, result.stderr
   summary = json.loads((tmp_path / 'out' / 'summary.json').read_text())
   assert summary['n_train'] == 50 and summary['n_epochs'] == 4
+  # Logits give the dynamics, so the default detector is a full run's: a negative AUM.
+  assert summary['detector'] == {'statistic': 'aum', 'rule': 'sign'}
+  with open(tmp_path / 'out' / 'scores.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert {'aum', 'forgetting_events', 'confidence'} <= set(rows[0])
+  assert all((r['flagged'] == 'true') == (float(r['aum']) < 0) for r in rows)
+
+
+def test_statistics_from_logits_match_a_direct_computation():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(5, 30, 4)).astype(np.float32) * 2
+  labels = rng.integers(0, 4, 30)
+  stats = score.statistics_from_logits(logits, labels)
+  others = logits.copy()
+  others[:, np.arange(30), labels] = -np.inf
+  margin = logits[:, np.arange(30), labels] - others.max(-1)
+  np.testing.assert_allclose(stats['aum'], margin.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats['aul'], score.losses_from_logits(logits, labels).sum(1), 1e-5)
+  correct = logits.argmax(-1) == labels
+  np.testing.assert_allclose(stats['correctness'], correct.mean(0))
+  forgotten = (correct[:-1] & ~correct[1:]).sum(0)
+  np.testing.assert_array_equal(stats['forgetting_events'], forgotten)
+
+
+def test_detector_choice_is_checked(tmp_path):
+  losses, _ = _trajectories(num_examples=60)
+  np.save(tmp_path / 'losses.npy', losses)
+  with pytest.raises(UserInputError, match="statistic 'aum' needs --logits"):
+    score.score_files(str(tmp_path / 'a'), losses=str(tmp_path / 'losses.npy'), statistic='aum')
+  with pytest.raises(UserInputError, match='rule sign needs a margin statistic'):
+    score.score_files(str(tmp_path / 'b'), losses=str(tmp_path / 'losses.npy'), rule='sign')
+  with pytest.raises(UserInputError, match='give --labels'):
+    score.score_files(str(tmp_path / 'c'), losses=str(tmp_path / 'losses.npy'), rule='class_gmm')
+  summary = score.score_files(
+    str(tmp_path / 'd'), losses=str(tmp_path / 'losses.npy'), statistic='last_loss'
+  )
+  assert summary['detector'] == {'statistic': 'last_loss', 'rule': 'gmm'}
+  assert not (tmp_path / 'a').exists()  # A refused choice writes nothing.
 
 
 BAD_FILES = {
