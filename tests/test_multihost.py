@@ -57,6 +57,10 @@ def test_two_processes_match_one_process(tmp_path):
   single = np.genfromtxt(tmp_path / 'single/scores.csv', delimiter=',', names=True)
   multi = np.genfromtxt(tmp_path / 'multi/scores.csv', delimiter=',', names=True)
   np.testing.assert_allclose(multi['aul'], single['aul'], rtol=1e-4)
+  # The other dynamics travel the same gather and scatter. The margin is a difference of
+  # logits, so it gets an absolute tolerance.
+  np.testing.assert_allclose(multi['aum'], single['aum'], rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(multi['confidence'], single['confidence'], atol=1e-4)
   agree = (multi['p_mislabeled'] > 0.5) == (single['p_mislabeled'] > 0.5)
   assert agree.mean() > 0.995
 
