@@ -211,12 +211,7 @@ def main(argv=None) -> dict[str, Any]:
   mesh = train.make_mesh(jax.devices()[: args.num_devices])
   data = random_data(args.num_examples, args.image_shape)
   modes = {mode: Mode(mode, args, mesh, data) for mode in MODES}
-  for run in modes.values():
-    common.median_seconds(run, repeats=0, warmup=args.warmup)
-  times: dict[str, list[float]] = {mode: [] for mode in modes}
-  for _ in range(args.repeats):  # Interleaved, so load changes hit every mode alike.
-    for mode, run in modes.items():
-      times[mode] += common.median_seconds(run, repeats=1, warmup=0)
+  times = common.interleaved_seconds(modes, repeats=args.repeats, warmup=args.warmup)
 
   epoch_s = {mode: common.median(t) for mode, t in times.items()}
   base = epoch_s['no_aul']

@@ -11,7 +11,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,6 +27,20 @@ def median_seconds(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> l
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
+  return times
+
+
+def interleaved_seconds(
+  runs: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int
+) -> dict[str, list[float]]:
+  """Seconds of `repeats` calls of each run, after `warmup` calls each, taken round-robin
+  (one call of every run per round), so a change of load hits every run alike."""
+  for run in runs.values():
+    median_seconds(run, repeats=0, warmup=warmup)
+  times: dict[str, list[float]] = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, run in runs.items():
+      times[name] += median_seconds(run, repeats=1, warmup=0)
   return times
 
 

@@ -170,10 +170,7 @@ def main(argv=None) -> dict[str, Any]:
   first = {mode: np.asarray(run.one_epoch()) for mode, run in runners.items()}
   same = bool(np.allclose(first['scan'], first['python_loop'], rtol=1e-4, atol=1e-5))
   max_diff = float(np.max(np.abs(first['scan'] - first['python_loop'])))
-  times: dict[str, list[float]] = {mode: [] for mode in runners}
-  for _ in range(args.repeats):  # Interleaved, so load changes hit both modes alike.
-    for mode, run in runners.items():
-      times[mode] += common.median_seconds(run, repeats=1, warmup=0)
+  times = common.interleaved_seconds(runners, repeats=args.repeats, warmup=0)
 
   epoch_s = {mode: common.median(t) / args.epochs for mode, t in times.items()}
   steps = math.ceil(args.num_examples / args.batch_size)

@@ -364,12 +364,7 @@ def main(argv=None) -> dict[str, Any]:
           device=device,
           dtype=dtype,
         )
-  for run in sides.values():
-    common.median_seconds(run, repeats=0, warmup=args.warmup)
-  times: dict[str, list[float]] = {name: [] for name in sides}
-  for _ in range(args.repeats):  # Interleaved, so load changes hit every side alike.
-    for name, run in sides.items():
-      times[name] += common.median_seconds(run, repeats=1, warmup=0)
+  times = common.interleaved_seconds(sides, repeats=args.repeats, warmup=args.warmup)
 
   images = args.batch_size * args.steps
   rate = {name: images / common.median(t) for name, t in times.items()}
