@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aul_jax import gmm
+from aul_jax import gmm, threshold_samples
 
 # Mislabeling score of each statistic (higher = more likely mislabeled).
 SCORES: dict[str, Callable[[dict], np.ndarray]] = {
@@ -117,13 +117,24 @@ def class_mixtures(
   return Verdict(_summary_score(score), np.asarray(p_N), estimate, mixtures)
 
 
+def _flags(score_N, flagged_N) -> Verdict:
+  """A rule without a mixture: p(mislabeled) is the 0/1 flag, the estimate its mean."""
+  return Verdict(score_N, flagged_N.astype(np.float64), float(flagged_N.mean()), None)
+
+
 def margin_sign(score_N) -> Verdict:
   """Flags every example with a positive score (for the AUM: a negative mean margin)."""
   score_N = np.asarray(score_N, np.float64)
   if score_N.ndim != 1:
     raise ValueError('rule sign takes one statistic, the AUM')
-  flagged_N = score_N > 0
-  return Verdict(score_N, flagged_N.astype(np.float64), float(flagged_N.mean()), None)
+  return _flags(score_N, score_N > 0)
+
+
+def threshold_verdict(aum_RxN, sets: list, percentile: float) -> Verdict:
+  """The threshold-sample rule on the AUM of R runs with disjoint threshold `sets`
+  (`threshold_samples.judge`); the score is the threshold minus the AUM."""
+  margin_N, flagged_N = threshold_samples.judge(aum_RxN, sets, percentile)
+  return _flags(-margin_N, flagged_N)
 
 
 def run_rule(rule: str, score, labels_N, num_classes: int, **fit_options) -> Verdict:

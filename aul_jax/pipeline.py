@@ -25,7 +25,6 @@ from aul_jax import (
   detectors,
   distributed,
   figures,
-  gmm,
   models,
   noise,
   outputs,
@@ -213,29 +212,11 @@ def test_error(config, network: TrainedNetwork, dataset: data.Dataset, mesh) -> 
   return 1.0 - int(evaluate(network.state, images, labels)) / num_test
 
 
-def fit_mixture(aul_N: jax.Array, gmm_config: ml_collections.ConfigDict):
-  """Fits the 2-component mixture to the AUL on the device; returns it and p(mislabeled)."""
-  mixture = gmm.fit(
-    aul_N,
-    n_components=2,
-    max_iter=gmm_config.max_iter,
-    tol=gmm_config.tol,
-    n_init=gmm_config.n_init,
-    key=jax.random.key(0),
-  )
-  mixture = gmm.sort_by_mean(mixture)
-  return mixture, gmm.mislabel_probability(mixture, aul_N)
-
-
-def judge(config, aul_state: aul.AULState, noisy: NoisyLabels, num_classes: int, threshold_aum):
+def judge(config, aul_state: aul.AULState, noisy: NoisyLabels, num_classes: int, sets, aum_RxN):
   """Step 2: the configured detector on the run's statistics (or, for the threshold rule,
-  on the AUM of the threshold-sample runs)."""
+  on the AUM `aum_RxN` of the runs with threshold-sample `sets`)."""
   if config.detector.rule == 'threshold':
-    sets = _threshold_sets(config, noisy, num_classes)
-    percentile = config.detector.threshold_percentile
-    margin_N, flagged_N = threshold_samples.judge(threshold_aum, sets, percentile)
-    p_N = flagged_N.astype(np.float64)
-    return detectors.Verdict(-margin_N, p_N, float(flagged_N.mean()), None)
+    return detectors.threshold_verdict(aum_RxN, sets, config.detector.threshold_percentile)
   statistics = train.to_host(aul.statistics(aul_state))
   return detectors.detect(statistics, noisy.labels, num_classes, config.detector, config.gmm)
 
@@ -249,11 +230,12 @@ def _threshold_sets(config, noisy: NoisyLabels, num_classes: int) -> list:
     raise UserInputError(f'detector.threshold_runs={config.detector.threshold_runs}: {e}') from None
 
 
-def threshold_run(config, dataset, noisy, run: int, mesh, progress: Progress, checkpoint=None):
-  """One threshold-sample run (Pleiss et al.): N/(K+1) examples moved to an extra class
-  K; returns every example's AUM in it, on the host."""
+def threshold_run(
+  config, dataset, noisy, run: int, indices, mesh, progress: Progress, checkpoint=None
+):
+  """Threshold-sample run `run` (Pleiss et al.): the examples at `indices` moved to an
+  extra class K; returns every example's AUM in it, on the host."""
   k = dataset.num_classes
-  indices = _threshold_sets(config, noisy, k)[run]
   network = train_network(
     config,
     config.aul,
@@ -427,6 +409,7 @@ def _detection_stages(config, dataset, noisy, mesh, checkpointer, resume, labels
   """Steps 1-2 as checkpointed stages: the AUL run ('aul'), then any threshold-sample runs
   ('threshold0', ...). A later stage's checkpoints carry the earlier stages' results."""
   num_runs = _threshold_runs(config)
+  sets = _threshold_sets(config, noisy, dataset.num_classes) if num_runs else []
   stages = ['aul'] + [f'threshold{r}' for r in range(num_runs)] + ['retrain']
   current = stages.index(resume[1]['stage']) if resume is not None else 0
   if current == 0:
@@ -438,17 +421,25 @@ def _detection_stages(config, dataset, noisy, mesh, checkpointer, resume, labels
     aul_state, threshold_aum = _restore_finished(config, checkpointer, resume, noisy, mesh, done)
     error = resume[1]['aul_test_error']
   for run in range(len(threshold_aum), num_runs):
-    items = {**labels, 'detection': aul_state}
-    if threshold_aum:
-      items['threshold_aum'] = np.asarray(threshold_aum, np.float32)
+    items = _finished_items(labels, aul_state, threshold_aum)
     offset = config.aul.epochs * (1 + run)
     stage = StageCheckpoint(
       checkpointer, f'threshold{run}', offset, resume, items, {'aul_test_error': error}
     )
-    threshold_aum.append(threshold_run(config, dataset, noisy, run, mesh, progress, stage))
+    aum_N = threshold_run(config, dataset, noisy, run, sets[run], mesh, progress, stage)
+    threshold_aum.append(aum_N)
   threshold_aum = np.asarray(threshold_aum, np.float32).reshape(num_runs, len(noisy.labels))
-  verdict = judge(config, aul_state, noisy, dataset.num_classes, threshold_aum)
+  verdict = judge(config, aul_state, noisy, dataset.num_classes, sets, threshold_aum)
   return Detection(aul_state, verdict, error), threshold_aum
+
+
+def _finished_items(labels, aul_state, threshold_aum) -> dict:
+  """What a checkpoint after the AUL stage carries: the labels, the AUL run's state and
+  the finished threshold runs' AUM (none before the first has finished)."""
+  items = {**labels, 'detection': aul_state}
+  if len(threshold_aum):
+    items['threshold_aum'] = np.asarray(threshold_aum, np.float32)
+  return items
 
 
 def _train_and_detect(config, dataset, noisy, mesh, checkpointer, progress: Progress):
@@ -465,9 +456,7 @@ def _train_and_detect(config, dataset, noisy, mesh, checkpointer, progress: Prog
   if config.retrain.epochs > 0:
     items, meta, offset = labels, {}, 0
     if detection is not None:
-      items = {**labels, 'detection': detection.aul_state}
-      if len(threshold_aum):
-        items['threshold_aum'] = threshold_aum
+      items = _finished_items(labels, detection.aul_state, threshold_aum)
       meta = {'aul_test_error': detection.test_error}
       offset = config.aul.epochs * (1 + _threshold_runs(config))
     stage = StageCheckpoint(checkpointer, 'retrain', offset, resume, items, meta)
@@ -542,7 +531,13 @@ def run(
   pictures = None
   if detection is not None:
     # The paper's figures show the AUL and its global mixture, whichever detector ran.
-    mixture, _ = train.to_host(fit_mixture(detection.aul_state.aul_N, config.gmm))
+    paper = detectors.global_mixture(
+      detection.aul_state.aul_N,
+      max_iter=config.gmm.max_iter,
+      tol=config.gmm.tol,
+      n_init=config.gmm.n_init,
+    )
+    mixture = train.to_host(paper.mixture)
     pictures = _figures(dataset, noisy, scores['aul'], mixture, history)
   extra = None if detection is None else {'ranked_issues.csv': report.ranked_issues(scores)}
   if primary:

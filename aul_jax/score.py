@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from aul_jax import config as config_lib
-from aul_jax import detectors, dynamics, figures, gmm, losses, outputs, report
+from aul_jax import detectors, dynamics, figures, losses, outputs, report
 from aul_jax.errors import UserInputError
 
 
@@ -178,7 +178,6 @@ def score(
   if statistics is None:
     statistics = {'aul': aul_N, 'last_loss': losses_NxT[:, -1]}
   try:
-    detectors.check(statistic, rule)
     verdict = detectors.detect(
       statistics,
       labels_N,
@@ -191,7 +190,7 @@ def score(
   except ValueError as e:
     raise UserInputError(str(e)) from None
   # The paper's figures show the AUL and its mixture, whichever detector ran.
-  mixture = gmm.sort_by_mean(gmm.fit(jnp.asarray(aul_N, jnp.float32), max_iter=max_iter, tol=tol))
+  mixture = detectors.global_mixture(aul_N, max_iter=max_iter, tol=tol).mixture
   mixture = jax.tree.map(np.asarray, mixture)
   columns = report.detection_columns(aul_N, verdict.p_mislabeled_N, verdict.score_N, statistics)
   scores = {'index': np.arange(len(aul_N))}

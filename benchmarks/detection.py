@@ -37,7 +37,7 @@ import numpy as np
 from sklearn import mixture as sk_mixture
 from sklearn import model_selection
 
-from aul_jax import data, detectors, dynamics, metrics, pipeline, threshold_samples, train
+from aul_jax import aul, data, detectors, metrics, pipeline, threshold_samples, train
 from aul_jax import progress as progress_lib
 from benchmarks import common
 
@@ -64,11 +64,6 @@ def load_config(path: str):
 
 def _quiet() -> progress_lib.Progress:
   return progress_lib.Progress(lambda message: None, workdir=None, interactive=False)
-
-
-def _statistics(aul_state) -> dict[str, np.ndarray]:
-  stats = train.to_host(dynamics.statistics(aul_state.dynamics))
-  return {'aul': train.to_host(aul_state.aul_N), **stats}
 
 
 def _train(config, dataset, labels, key, *, num_classes=None):
@@ -113,14 +108,16 @@ def collect(config, kind: str, rate: float, seed: int, args) -> dict[str, np.nda
   k = dataset.num_classes
   record = {'labels': noisy.labels, 'is_mislabeled': noisy.is_mislabeled, 'num_classes': k}
   network = _train(config, dataset, noisy.labels, jax.random.key(seed))
-  record.update({f'stat_{name}': v for name, v in _statistics(network.aul_state).items()})
+  statistics = train.to_host(aul.statistics(network.aul_state))
+  record.update({f'stat_{name}': v for name, v in statistics.items()})
   # The threshold-sample runs exactly as the pipeline's detector.rule='threshold' runs them.
   config.detector.threshold_runs = args.threshold_runs
   mesh = train.make_mesh(jax.devices()[:1])
   sets = threshold_samples.threshold_sets(len(noisy.labels), k, args.threshold_runs, seed)
   for r, indices in enumerate(sets):
     record[f'threshold_set_{r}'] = indices
-    record[f'threshold_aum_{r}'] = pipeline.threshold_run(config, dataset, noisy, r, mesh, _quiet())
+    aum_N = pipeline.threshold_run(config, dataset, noisy, r, indices, mesh, _quiet())
+    record[f'threshold_aum_{r}'] = aum_N
   if args.cv_folds:
     record['cv_probs'] = cross_validated_probs(config, dataset, noisy.labels, args.cv_folds, seed)
   return record
@@ -162,10 +159,11 @@ def ours(statistic: str, rule: str, gmm_config):
 
 
 def aum_threshold_samples(record, num_classes):
+  """As the pipeline's detector.rule='threshold' judges, at the 99th percentile."""
   runs = sorted(k for k in record if k.startswith('threshold_aum_'))
   sets = [record[k.replace('aum', 'set')] for k in runs]
-  margin, flagged = threshold_samples.judge(np.stack([record[k] for k in runs]), sets)
-  return -margin, flagged, float(flagged.mean())
+  verdict = detectors.threshold_verdict(np.stack([record[k] for k in runs]), sets, 99.0)
+  return verdict.score_N, verdict.p_mislabeled_N > 0.5, verdict.noise_estimate
 
 
 def cleanlab_detector(record, num_classes):
