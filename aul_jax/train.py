@@ -374,6 +374,15 @@ def make_streamed_train_epoch(
   return run_epoch
 
 
+def _eval_logits(model, variables, images, position_B, local_batch: int, num_examples: int):
+  """Eval-mode logits of this device's share of a batch of example positions; positions
+  past the end repeat the last example. Returns (logits_bxK, index_b, real_b)."""
+  position_b = device_slice(position_B, local_batch)
+  index_b = jnp.minimum(position_b, num_examples - 1)
+  logits_bxK = model.apply(variables, images[index_b], train=False)
+  return logits_bxK, index_b, position_b < num_examples
+
+
 def make_evaluate(
   model: nn.Module, mesh: jax.sharding.Mesh, *, num_examples: int, batch_size: int
 ) -> Callable:
@@ -385,10 +394,10 @@ def make_evaluate(
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
 
     def body(correct, position_B):
-      position_b = device_slice(position_B, local_batch)
-      index_b = jnp.minimum(position_b, num_examples - 1)
-      logits = model.apply(variables, images[index_b], train=False)
-      hit = (jnp.argmax(logits, -1) == labels[index_b]) & (position_b < num_examples)
+      logits, index_b, real_b = _eval_logits(
+        model, variables, images, position_B, local_batch, num_examples
+      )
+      hit = (jnp.argmax(logits, -1) == labels[index_b]) & real_b
       return correct + jax.lax.psum(jnp.sum(hit), DATA_AXIS), None
 
     positions = jnp.arange(steps * batch_size).reshape(steps, batch_size)
@@ -412,8 +421,9 @@ def make_predict(
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
 
     def body(_, position_B):
-      index_b = jnp.minimum(device_slice(position_B, local_batch), num_examples - 1)
-      logits_bxK = model.apply(variables, images[index_b], train=False)
+      logits_bxK, _, _ = _eval_logits(
+        model, variables, images, position_B, local_batch, num_examples
+      )
       probs_bxK = jax.nn.softmax(logits_bxK.astype(jnp.float32))
       return None, jax.lax.all_gather(probs_bxK, DATA_AXIS, tiled=True, to='invarying')
 
