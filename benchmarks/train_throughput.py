@@ -12,14 +12,17 @@ timed interleaved epoch by epoch.
 
   .venv/bin/python benchmarks/train_throughput.py --model resnet20
 
-`--conv-impl` selects the convolution's backward pass (see docs/benchmarks.md):
-  library        (default) the models exactly as aul_jax builds them: canonical_vjp on a
-                 CPU (aul_jax/models/conv.py), lax's own convolution on a GPU or TPU.
+`--conv-impl` selects the zoo's convolution (see docs/benchmarks.md, section 2):
+  library        (default) the models exactly as aul_jax builds them: on a CPU oneDNN's
+                 (aul_jax/models/onednn.py) where it builds, else canonical_vjp; lax's own
+                 convolution on a GPU or TPU.
+  onednn         forward pass and both gradients as oneDNN primitives (XLA FFI custom calls).
   canonical_vjp  a custom VJP whose input and weight gradients are convolutions already in
-                 XLA:CPU's canonical layout, on every backend. Inside a scan (a while loop)
-                 XLA:CPU does not canonicalise lax's own gradient convolutions and runs them
-                 ~100x slower.
+                 XLA:CPU's canonical layout (aul_jax/models/conv.py). Inside a scan (a while
+                 loop) XLA:CPU does not canonicalise lax's own gradient convolutions and runs
+                 them ~100x slower.
   im2col_vjp     as canonical_vjp, but the weight gradient is im2col patches times a matmul.
+  lax            lax's own convolution and gradients (flax's default), for the record.
 A comma-separated list of impls (and of `--dtype`s) times every pair in the same run; the
 first pair is the headline `images_per_s`.
 """
@@ -35,15 +38,15 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import flax.linen.linear as flax_linear
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from aul_jax import aul, models, train
+from aul_jax.models import layers, onednn
 from aul_jax.models.conv import (  # noqa: F401 (re-exported for the tests)
   NHWC,
+  as_conv_general_dilated,
   input_grad_canonical,
   make_conv_general_dilated,
   weight_grad_canonical,
@@ -51,7 +54,7 @@ from aul_jax.models.conv import (  # noqa: F401 (re-exported for the tests)
 from benchmarks import common
 
 MODELS = ('mlp', 'lenet', 'resnet20', 'resnet32')
-CONV_IMPLS = ('canonical_vjp', 'library', 'im2col_vjp')
+CONV_IMPLS = ('library', 'onednn', 'canonical_vjp', 'im2col_vjp', 'lax')
 DTYPES = ('float32', 'bfloat16')
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 3)
@@ -74,24 +77,24 @@ def weight_grad_im2col(x_NxHxWxC, dy_NxHoxWoxO, w_shape, strides, pads) -> jax.A
   return (patches_MxK.T @ dy_NxHoxWoxO.reshape(-1, o)).reshape(kh, kw, c, o)
 
 
-class _LaxWithConv:
-  """jax.lax, except for conv_general_dilated."""
-
-  def __init__(self, conv_general_dilated: Callable):
-    self.conv_general_dilated = conv_general_dilated
-
-  def __getattr__(self, name: str) -> Any:
-    return getattr(lax, name)
+def drop_in_conv(name: str) -> Callable | None:
+  """The convolution `--conv-impl name` gives nn.Conv (None: lax's own, flax's default)."""
+  if name == 'onednn':
+    return as_conv_general_dilated(onednn.conv, onednn.DTYPES)
+  if name == 'lax':
+    return None
+  weight_grad = {'canonical_vjp': weight_grad_canonical, 'im2col_vjp': weight_grad_im2col}[name]
+  return make_conv_general_dilated(weight_grad)
 
 
 @contextlib.contextmanager
 def conv_impl(name: str) -> Iterator[None]:
-  """While active (i.e. while a model is traced), flax's nn.Conv uses convolution `name`."""
+  """While active (i.e. while a model is traced), the zoo's convolutions are `name`."""
   if name == 'library':
     yield
     return
-  weight_grad = {'canonical_vjp': weight_grad_canonical, 'im2col_vjp': weight_grad_im2col}[name]
-  with mock.patch.object(flax_linear, 'lax', _LaxWithConv(make_conv_general_dilated(weight_grad))):
+  conv = drop_in_conv(name)
+  with mock.patch.object(layers, 'fast_conv_general_dilated', lambda: conv):
     yield
 
 

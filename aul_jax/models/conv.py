@@ -62,11 +62,11 @@ def weight_grad_canonical(x_NxHxWxC, dy_NxHoxWoxO, w_shape, strides, pads) -> ja
   return jnp.transpose(dw_CxKxKxO, (1, 2, 0, 3))
 
 
-def make_conv_general_dilated(weight_grad: Callable) -> Callable:
-  """A lax.conv_general_dilated whose NHWC/HWIO, undilated, ungrouped case has a custom VJP.
+def make_canonical_conv(weight_grad: Callable) -> Callable:
+  """conv(x, w, strides, pads): lax's forward convolution with canonical-layout gradients.
 
   The input gradient is `input_grad_canonical`; the weight gradient is
-  `weight_grad(x, dy, w_shape, strides, pads)`. Every other case falls back to lax.
+  `weight_grad(x, dy, w_shape, strides, pads)`.
   """
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -82,6 +82,15 @@ def make_conv_general_dilated(weight_grad: Callable) -> Callable:
     return dx.astype(x.dtype), weight_grad(x, dy, w.shape, strides, pads).astype(w.dtype)
 
   conv.defvjp(conv_fwd, conv_bwd)
+  return conv
+
+
+def as_conv_general_dilated(conv: Callable, dtypes: tuple | None = None) -> Callable:
+  """A lax.conv_general_dilated that runs `conv(x, w, strides, pads)` in the plain case.
+
+  Plain: NHWC/HWIO, undilated, ungrouped, both operands of one dtype (one of `dtypes`, when
+  given). Every other case falls back to lax.
+  """
 
   def conv_general_dilated(
     lhs,
@@ -104,6 +113,8 @@ def make_conv_general_dilated(weight_grad: Callable) -> Callable:
       and feature_group_count == 1
       and batch_group_count == 1
       and preferred_element_type is None
+      and lhs.dtype == rhs.dtype
+      and (dtypes is None or lhs.dtype in dtypes)
     )
     if not plain:
       return lax.conv_general_dilated(
@@ -126,7 +137,13 @@ def make_conv_general_dilated(weight_grad: Callable) -> Callable:
   return conv_general_dilated
 
 
-def _varying_axes(x: jax.Array) -> tuple:
+def make_conv_general_dilated(weight_grad: Callable) -> Callable:
+  """A lax.conv_general_dilated whose plain case has canonical-layout gradients."""
+  return as_conv_general_dilated(make_canonical_conv(weight_grad))
+
+
+def varying_axes(x: jax.Array) -> tuple:
+  """The mesh axes `x` varies over under shard_map (empty outside it)."""
   mat = getattr(jax.typeof(x), 'mat', None)
   return tuple(getattr(mat, 'varying', ()))
 
@@ -137,10 +154,10 @@ def _same_varying_axes(*xs: jax.Array) -> list[jax.Array]:
   A custom VJP's weight gradient must have its weight's type; as for lax's own convolution,
   the transpose of this cast is the psum of the per-device weight gradients.
   """
-  axes = {a for x in xs for a in _varying_axes(x)}
+  axes = {a for x in xs for a in varying_axes(x)}
   out = []
   for x in xs:
-    missing = tuple(sorted(axes - set(_varying_axes(x))))
+    missing = tuple(sorted(axes - set(varying_axes(x))))
     out.append(lax.pcast(x, missing, to='varying') if missing else x)
   return out
 

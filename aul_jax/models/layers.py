@@ -8,15 +8,25 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 
 from aul_jax.models import conv as conv_lib
+from aul_jax.models import onednn
+
+ONEDNN_CONV_GENERAL_DILATED = conv_lib.as_conv_general_dilated(onednn.conv, onednn.DTYPES)
 
 # He initialisation with fan_out, untruncated: torchvision's ResNet initialisation.
 he_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def fast_conv_general_dilated():
-  """The convolution for nn.Conv: canonical gradient convolutions on a CPU (models/conv.py),
-  lax's own elsewhere, where its gradients are not known to be slow."""
-  return conv_lib.canonical_conv_general_dilated if jax.default_backend() == 'cpu' else None
+  """The convolution for nn.Conv, by backend.
+
+  On a CPU: oneDNN's (models/onednn.py) where it builds, else XLA's with canonical-layout
+  gradients (models/conv.py). Elsewhere lax's own, whose gradients are not known to be slow.
+  """
+  if jax.default_backend() != 'cpu':
+    return None
+  if onednn.unavailable_reason() is None:
+    return ONEDNN_CONV_GENERAL_DILATED
+  return conv_lib.canonical_conv_general_dilated
 
 
 def conv(dtype: Dtype):

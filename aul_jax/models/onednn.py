@@ -1,0 +1,195 @@
+"""2-D convolutions on the CPU through oneDNN, called from XLA as FFI custom calls.
+
+XLA:CPU runs the backward pass of small CNNs 2-3x slower than oneDNN, which PyTorch uses
+(docs/benchmarks.md, section 2). `conv` is a drop-in NHWC/HWIO convolution whose forward pass
+and both gradients are oneDNN primitives (`onednn_conv.cc`), so a whole-epoch `lax.scan`
+runs them like any other op. The C++ source is compiled once per machine on first use
+(g++, the jaxlib FFI headers and the `onednn-devel-cpu-gomp` wheel) and cached.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from aul_jax.models import conv as conv_lib
+
+SOURCE = Path(__file__).with_name('onednn_conv.cc')
+TARGETS = {
+  'aul_onednn_conv_forward': 'AulOnednnConvForward',
+  'aul_onednn_conv_input_grad': 'AulOnednnConvInputGrad',
+  'aul_onednn_conv_weight_grad': 'AulOnednnConvWeightGrad',
+}
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+class OnednnUnavailable(RuntimeError):
+  """The oneDNN convolution cannot be built or loaded here (the message says why)."""
+
+
+def _onednn_prefix() -> Path:
+  """The prefix the onednn wheels install into (lib/libdnnl.so, include/oneapi/dnnl)."""
+  return Path(sysconfig.get_paths()['data'])
+
+
+def _cache_dir() -> Path:
+  root = os.environ.get('AUL_JAX_CACHE') or os.path.join(
+    os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'aul_jax'
+  )
+  return Path(root)
+
+
+def _build_command(output: Path) -> list[str]:
+  prefix = _onednn_prefix()
+  return [
+    os.environ.get('CXX', 'g++'),
+    '-O2',
+    '-std=c++17',
+    '-shared',
+    '-fPIC',
+    '-w',  # The FFI headers warn under -Wreturn-type; ours compile clean with -Wall.
+    f'-I{jax.ffi.include_dir()}',
+    f'-I{prefix / "include"}',
+    str(SOURCE),
+    f'-L{prefix / "lib"}',
+    '-ldnnl',
+    f'-Wl,-rpath,{prefix / "lib"}',
+    '-o',
+    str(output),
+  ]
+
+
+def _missing_prerequisite() -> str | None:
+  prefix = _onednn_prefix()
+  for path, package in (
+    (prefix / 'lib' / 'libdnnl.so', 'onednn-cpu-gomp'),
+    (prefix / 'include' / 'oneapi' / 'dnnl' / 'dnnl.hpp', 'onednn-devel-cpu-gomp'),
+  ):
+    if not path.exists():
+      return f'{path} not found (pip install {package})'
+  if shutil.which(os.environ.get('CXX', 'g++')) is None:
+    return f'no C++ compiler {os.environ.get("CXX", "g++")!r} on PATH'
+  return None
+
+
+def library_path() -> Path:
+  """The compiled extension, built into the cache first if this source was never built."""
+  missing = _missing_prerequisite()
+  if missing:
+    raise OnednnUnavailable(missing)
+  command = _build_command(Path('OUT'))
+  key = hashlib.sha256(
+    SOURCE.read_bytes() + ' '.join(command).encode() + jax.__version__.encode()
+  ).hexdigest()[:16]
+  path = _cache_dir() / f'aul_onednn_conv-{key}.so'
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # Built under a temporary name and renamed, so that concurrent processes never load a
+  # half-written file.
+  with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    built = Path(tmp) / path.name
+    result = subprocess.run(_build_command(built), capture_output=True, text=True)
+    if result.returncode != 0:
+      raise OnednnUnavailable(f'building {SOURCE.name} failed:\n{result.stderr[-4000:]}')
+    os.replace(built, path)
+  return path
+
+
+@functools.cache
+def load() -> None:
+  """Builds (once per machine), loads and registers the FFI targets (once per process)."""
+  # jaxlib carries its own oneDNN (for XLA's matmuls) and exports its symbols; without
+  # RTLD_DEEPBIND our calls would bind to that copy, built for a thread pool it is not given
+  # here, and run on one thread.
+  library = ctypes.CDLL(str(library_path()), mode=os.RTLD_LOCAL | os.RTLD_DEEPBIND)
+  for target, symbol in TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), 'cpu')
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+  """None when the oneDNN convolution works here; otherwise why not, logged once.
+
+  `AUL_JAX_ONEDNN=0` in the environment turns it off (the models then use XLA's).
+  """
+  if os.environ.get('AUL_JAX_ONEDNN', '1') == '0':
+    return 'turned off by AUL_JAX_ONEDNN=0'
+  try:
+    load()
+  except (OnednnUnavailable, OSError) as error:
+    logging.warning("oneDNN convolution unavailable, using XLA's: %s", error)
+    return str(error)
+  return None
+
+
+def _call(target: str, result: jax.ShapeDtypeStruct, a, b, strides, pads):
+  load()
+  out = jax.ffi.ffi_call(target, result, vmap_method='sequential')(
+    a,
+    b,
+    strides=np.asarray(strides, np.int64),
+    padding=np.asarray([p for pair in pads for p in pair], np.int64),
+  )
+  # Under shard_map an FFI result is typed as invariant; it varies as its operands do
+  # (`conv_lib.as_conv_general_dilated` gives both operands the same varying axes).
+  axes = conv_lib.varying_axes(a)
+  return lax.pcast(out, axes, to='varying') if axes else out
+
+
+def _output_shape(x_shape, w_shape, strides, pads) -> tuple[int, ...]:
+  spatial = [
+    (x_shape[1 + d] + pads[d][0] + pads[d][1] - w_shape[d]) // strides[d] + 1 for d in range(2)
+  ]
+  return (x_shape[0], *spatial, w_shape[3])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x_NxHxWxC, w_KxKxCxO, strides, pads):
+  """NHWC x HWIO -> NHWC convolution; `pads` are explicit ((lo, hi), (lo, hi)) pairs."""
+  if x_NxHxWxC.dtype != w_KxKxCxO.dtype or x_NxHxWxC.dtype not in DTYPES:
+    raise TypeError(
+      f'oneDNN convolution needs float32 or bfloat16 operands of one dtype, '
+      f'got {x_NxHxWxC.dtype} and {w_KxKxCxO.dtype}'
+    )
+  out = jax.ShapeDtypeStruct(
+    _output_shape(x_NxHxWxC.shape, w_KxKxCxO.shape, strides, pads), x_NxHxWxC.dtype
+  )
+  return _call('aul_onednn_conv_forward', out, x_NxHxWxC, w_KxKxCxO, strides, pads)
+
+
+def _conv_fwd(x, w, strides, pads):
+  return conv(x, w, strides, pads), (x, w)
+
+
+def _conv_bwd(strides, pads, residuals, dy):
+  x, w = residuals
+  dy = dy.astype(x.dtype)
+  dx = _call(
+    'aul_onednn_conv_input_grad', jax.ShapeDtypeStruct(x.shape, x.dtype), dy, w, strides, pads
+  )
+  dw = _call(
+    'aul_onednn_conv_weight_grad', jax.ShapeDtypeStruct(w.shape, w.dtype), x, dy, strides, pads
+  )
+  return dx, dw
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+if __name__ == '__main__':  # python -m aul_jax.models.onednn: build now, say where.
+  reason = unavailable_reason()
+  print(reason or library_path())
+  sys.exit(1 if reason else 0)
