@@ -156,3 +156,10 @@ def test_training_gives_the_aul_of_xla_convolutions(model):
       aul[impl] = np.asarray(epoch())
   # Six SGD steps amplify the convolutions' float32 rounding differences to ~3e-4.
   np.testing.assert_allclose(aul['onednn'], aul['canonical_vjp'], rtol=2e-3)
+
+
+def test_the_wheels_onednn_is_the_one_loaded():
+  onednn.load()
+  with open('/proc/self/maps') as maps:
+    mapped = {line.split()[-1] for line in maps if 'libdnnl' in line}
+  assert mapped == {str(onednn._onednn_prefix() / 'lib' / 'libdnnl.so.3')}
