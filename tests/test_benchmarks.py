@@ -171,3 +171,15 @@ def test_canonical_conv_vjp_under_shard_map_sums_weight_gradients():
   np.testing.assert_allclose(
     grad_fn(conv)(x, w), grad_fn(lax.conv_general_dilated)(x, w), rtol=1e-4, atol=1e-4
   )
+
+
+def test_conv_layers_quick_without_torch():
+  out, record = run_benchmark('conv_layers.py', '--no-torch')
+  assert len(record['layers_ms']) == 5
+  assert set(record['total_ms']) == {
+    f'{i}_{k}' for i in ('onednn', 'xla') for k in ('fwd', 'fwd_bwd')
+  }
+  assert all(positive(ms) for ms in record['total_ms'].values())
+  assert positive(record['fwd_bwd_speedup_vs_xla'])
+  assert record['fwd_bwd_ratio_vs_torch'] is None and record['torch'] == 'skipped'
+  assert 'onednn_fwd_bwd' in out
