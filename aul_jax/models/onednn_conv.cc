@@ -191,82 +191,60 @@ ffi::Error Guarded(F&& f) {
   }
 }
 
-ffi::Error ConvForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                           ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+enum class Direction { kForward, kInputGrad, kWeightGrad };
+
+// One handler for the three directions: out = forward(x, w), input_grad(dy, w) or
+// weight_grad(x, dy). The convolution's shape is read off whichever buffers are x, w and y
+// (or their gradients, which have their shapes).
+template <Direction kDirection>
+ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
   return Guarded([&]() -> ffi::Error {
+    ffi::AnyBuffer& result = *out;
+    ffi::AnyBuffer& x = kDirection == Direction::kInputGrad ? result : a;
+    ffi::AnyBuffer& w = kDirection == Direction::kWeightGrad ? result : b;
+    ffi::AnyBuffer& y = kDirection == Direction::kForward ? result
+                        : kDirection == Direction::kInputGrad ? a
+                                                              : b;
     ConvShape shape;
-    ffi::Error error = MakeShape(x.element_type(), x.dimensions(), w.dimensions(),
-                                 y->dimensions(), strides, padding, shape);
+    ffi::Error error = MakeShape(a.element_type(), x.dimensions(), w.dimensions(),
+                                 y.dimensions(), strides, padding, shape);
     if (error.failure()) return error;
     const auto& p = Primitives(shape);
     auto& engine = Engine();
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, memory(shape.src(), engine, x.untyped_data())},
-        {DNNL_ARG_DST, memory(shape.dst(), engine, y->untyped_data())}};
-    Execute(*p.forward, args, shape, w.untyped_data());
+    memory x_memory(shape.src(), engine, x.untyped_data());
+    memory y_memory(shape.dst(), engine, y.untyped_data());
+    switch (kDirection) {
+      case Direction::kForward:
+        Execute(*p.forward, {{DNNL_ARG_SRC, x_memory}, {DNNL_ARG_DST, y_memory}}, shape,
+                w.untyped_data());
+        break;
+      case Direction::kInputGrad:
+        Execute(*p.input_grad, {{DNNL_ARG_DIFF_DST, y_memory}, {DNNL_ARG_DIFF_SRC, x_memory}},
+                shape, w.untyped_data());
+        break;
+      case Direction::kWeightGrad:
+        Execute(*p.weight_grad, {{DNNL_ARG_SRC, x_memory}, {DNNL_ARG_DIFF_DST, y_memory}}, shape,
+                w.untyped_data());
+        break;
+    }
     return ffi::Error::Success();
   });
 }
 
-ffi::Error ConvInputGradImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w,
-                             ffi::Result<ffi::AnyBuffer> dx, ffi::Span<const int64_t> strides,
-                             ffi::Span<const int64_t> padding) {
-  return Guarded([&]() -> ffi::Error {
-    // dx has x's shape, so it describes the convolution as x would.
-    ConvShape shape;
-    ffi::Error error = MakeShape(dy.element_type(), dx->dimensions(), w.dimensions(),
-                                 dy.dimensions(), strides, padding, shape);
-    if (error.failure()) return error;
-    const auto& p = Primitives(shape);
-    auto& engine = Engine();
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_DIFF_DST, memory(shape.dst(), engine, dy.untyped_data())},
-        {DNNL_ARG_DIFF_SRC, memory(shape.src(), engine, dx->untyped_data())}};
-    Execute(*p.input_grad, args, shape, w.untyped_data());
-    return ffi::Error::Success();
-  });
-}
-
-ffi::Error ConvWeightGradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy,
-                              ffi::Result<ffi::AnyBuffer> dw, ffi::Span<const int64_t> strides,
-                              ffi::Span<const int64_t> padding) {
-  return Guarded([&]() -> ffi::Error {
-    ConvShape shape;
-    ffi::Error error = MakeShape(x.element_type(), x.dimensions(), dw->dimensions(),
-                                 dy.dimensions(), strides, padding, shape);
-    if (error.failure()) return error;
-    const auto& p = Primitives(shape);
-    auto& engine = Engine();
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, memory(shape.src(), engine, x.untyped_data())},
-        {DNNL_ARG_DIFF_DST, memory(shape.dst(), engine, dy.untyped_data())}};
-    Execute(*p.weight_grad, args, shape, dw->untyped_data());
-    return ffi::Error::Success();
-  });
+// Two operands, one result, the strides and the (low, high) padding of both spatial dims.
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
+      .Attr<ffi::Span<const int64_t>>("strides")
+      .Attr<ffi::Span<const int64_t>>("padding");
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AulOnednnConvForward, ConvForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AulOnednnConvInputGrad, ConvInputGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AulOnednnConvWeightGrad, ConvWeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AulOnednnConvForward, ConvImpl<Direction::kForward>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AulOnednnConvInputGrad, ConvImpl<Direction::kInputGrad>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AulOnednnConvWeightGrad, ConvImpl<Direction::kWeightGrad>,
+                              Binding());
