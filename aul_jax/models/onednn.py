@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -186,9 +185,3 @@ def _conv_bwd(strides, pads, residuals, dy):
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
-
-
-if __name__ == '__main__':  # python -m aul_jax.models.onednn: build now, say where.
-  reason = unavailable_reason()
-  print(reason or library_path())
-  sys.exit(1 if reason else 0)
