@@ -43,10 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from aul_jax import aul, models, train
-from aul_jax.models import layers, onednn
+from aul_jax.models import layers
 from aul_jax.models.conv import (  # noqa: F401 (re-exported for the tests)
   NHWC,
-  as_conv_general_dilated,
   input_grad_canonical,
   make_conv_general_dilated,
   weight_grad_canonical,
@@ -80,7 +79,7 @@ def weight_grad_im2col(x_NxHxWxC, dy_NxHoxWoxO, w_shape, strides, pads) -> jax.A
 def drop_in_conv(name: str) -> Callable | None:
   """The convolution `--conv-impl name` gives nn.Conv (None: lax's own, flax's default)."""
   if name == 'onednn':
-    return as_conv_general_dilated(onednn.conv, onednn.DTYPES)
+    return layers.ONEDNN_CONV_GENERAL_DILATED
   if name == 'lax':
     return None
   weight_grad = {'canonical_vjp': weight_grad_canonical, 'im2col_vjp': weight_grad_im2col}[name]
