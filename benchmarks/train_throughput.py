@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aul_jax import aul, models, train
+from aul_jax.models import conv as conv_lib
 from aul_jax.models import layers
 from aul_jax.models.conv import (  # noqa: F401 (re-exported for the tests)
   NHWC,
@@ -78,12 +79,12 @@ def weight_grad_im2col(x_NxHxWxC, dy_NxHoxWoxO, w_shape, strides, pads) -> jax.A
 
 def drop_in_conv(name: str) -> Callable | None:
   """The convolution `--conv-impl name` gives nn.Conv (None: lax's own, flax's default)."""
-  if name == 'onednn':
-    return layers.ONEDNN_CONV_GENERAL_DILATED
-  if name == 'lax':
-    return None
-  weight_grad = {'canonical_vjp': weight_grad_canonical, 'im2col_vjp': weight_grad_im2col}[name]
-  return make_conv_general_dilated(weight_grad)
+  return {
+    'onednn': layers.ONEDNN_CONV_GENERAL_DILATED,
+    'canonical_vjp': conv_lib.canonical_conv_general_dilated,
+    'im2col_vjp': make_conv_general_dilated(weight_grad_im2col),
+    'lax': None,
+  }[name]
 
 
 @contextlib.contextmanager
