@@ -9,8 +9,9 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from aul_jax import checkpointing, distributed, pipeline, train
-from aul_jax.errors import UserInputError
+from aul_jax import config as config_lib
+from aul_jax import distributed, pipeline
+from aul_jax.errors import DivergedError, Preempted, UserInputError
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to a config file.', lock_config=True
@@ -32,17 +33,19 @@ def main(argv: list[str]) -> int:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Keep orbax's and JAX's INFO chatter out.
+  config = _CONFIG.value
   try:
-    distributed.initialize(_CONFIG.value.distributed)
+    config_lib.validate_distributed(config.distributed)
+    distributed.initialize(**config.distributed)
     log = _log if distributed.is_primary() else lambda _: None
-    pipeline.run(_CONFIG.value, _WORKDIR.value, log=log, force=_FORCE.value)
+    pipeline.run(config, _WORKDIR.value, log=log, force=_FORCE.value)
   except UserInputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  except train.DivergedError as e:
+  except DivergedError as e:
     print(f'error: training diverged: {e}; the last good checkpoint is kept', file=sys.stderr)
     return 3
-  except checkpointing.Preempted as e:
+  except Preempted as e:
     print(f'{e}', file=sys.stderr)
     return 75  # EX_TEMPFAIL: try again later.
   return 0

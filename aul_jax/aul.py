@@ -18,21 +18,21 @@ class AULState:
   other per-example training dynamics."""
 
   aul_N: jax.Array
-  history_TxN: jax.Array | None = None
+  history_NxT: jax.Array | None = None
   dynamics: dynamics_lib.Dynamics | None = None
 
 
 def init_aul_state(
   num_examples: int, num_epochs: int, history_dtype: str | None, *, dynamics: bool = True
 ) -> AULState:
-  """Zero accumulator; a (T, N) history of `history_dtype` when one is given, else none;
+  """Zero accumulator; an (N, T) history of `history_dtype` when one is given, else none;
   the other training dynamics unless `dynamics=False` (then only losses are scattered)."""
   history = None
   if history_dtype is not None:
-    history = jnp.zeros((num_epochs, num_examples), jnp.dtype(history_dtype))
+    history = jnp.zeros((num_examples, num_epochs), jnp.dtype(history_dtype))
   return AULState(
     aul_N=jnp.zeros((num_examples,), jnp.float32),
-    history_TxN=history,
+    history_NxT=history,
     dynamics=dynamics_lib.init_dynamics(num_examples) if dynamics else None,
   )
 
@@ -66,16 +66,16 @@ def scatter_losses(
 
 def add_epoch(state: AULState, epoch_NxQ: jax.Array, epoch: jax.Array) -> AULState:
   """Folds one epoch's (N, Q) per-example values (`init_epoch_values`) into the AUL, the
-  history row `epoch` and, when tracked, the other dynamics."""
+  history column `epoch` and, when tracked, the other dynamics."""
   epoch_loss_N = epoch_NxQ[:, 0]
-  history = state.history_TxN
+  history = state.history_NxT
   if history is not None:
     # dynamic_update_slice updates in place; `.at[epoch].set` on a bfloat16 history makes
     # XLA:CPU upcast a copy of all of it every epoch (docs/benchmarks.md, section 3).
-    row = epoch_loss_N.astype(history.dtype)[None]
-    history = jax.lax.dynamic_update_slice(history, row, (epoch, jnp.zeros_like(epoch)))
+    column = epoch_loss_N.astype(history.dtype)[:, None]
+    history = jax.lax.dynamic_update_slice(history, column, (jnp.zeros_like(epoch), epoch))
   dynamics = state.dynamics
   if dynamics is not None:
     values_N = dict(zip(dynamics_lib.PER_EXAMPLE, epoch_NxQ.T, strict=True))
     dynamics = dynamics_lib.add_epoch(dynamics, values_N)
-  return AULState(aul_N=state.aul_N + epoch_loss_N, history_TxN=history, dynamics=dynamics)
+  return AULState(aul_N=state.aul_N + epoch_loss_N, history_NxT=history, dynamics=dynamics)

@@ -1,27 +1,38 @@
-"""Preemption-safe checkpoints of a run's training stages, in WORKDIR/checkpoints (orbax).
+"""Preemption-safe runs: what a workdir was started with, each stage's checkpoints, and each
+finished stage's results, all under WORKDIR/checkpoints.
 
-A checkpoint is taken at epoch boundaries: every `checkpoint.every_epochs` epochs, at the
-end of each stage, and when SIGTERM or SIGINT arrives (the run then stops with Preempted).
-Because every epoch's randomness is derived from (seed, stage, epoch), a resumed run
-repeats exactly the computation of an uninterrupted one.
+  run.json         the config and a digest of the training labels, written at the start
+  <stage>/         orbax checkpoints of the stage in progress: every `every_epochs` epochs,
+                   at its end, and when SIGTERM or SIGINT arrives (the run then stops)
+  <stage>.npz      the finished stage's results: the artifact that later stages read
+
+A stage is one training run ('aul', 'threshold', 'retrain'). Every epoch's randomness is
+derived from (seed, stage, epoch), so a resumed run repeats exactly the computation of an
+uninterrupted one. Damaged state is reported in one line and never crashes the run: a damaged
+checkpoint falls back to an older one (or a fresh start), a damaged artifact reruns its stage.
 """
 
+import hashlib
+import io
 import json
+import logging
 import os
+import shutil
 import signal
+import zipfile
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
-from aul_jax.errors import UserInputError
+from aul_jax.errors import Preempted, UserInputError
+from aul_jax.progress import Log
 
-_IGNORED_SECTIONS = ('checkpoint',)  # How often to save does not change the results.
-
-
-class Preempted(Exception):
-  """The run was asked to stop; a checkpoint was saved and rerunning resumes it."""
+# How often to save, and how the processes of a run find each other, do not change results.
+_IGNORED_SECTIONS = ('checkpoint', 'distributed')
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -34,7 +45,7 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-  """'field: old -> new' for every config field that differs (the checkpoint section aside)."""
+  """'field: old -> new' for every config field that differs (_IGNORED_SECTIONS aside)."""
   old_flat, new_flat = _flatten(old), _flatten(new)
   lines = []
   for name in sorted(set(old_flat) | set(new_flat)):
@@ -47,7 +58,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 def config_json(config: ml_collections.ConfigDict) -> dict:
-  """The config as JSON-compatible data (tuples become lists), as stored with checkpoints."""
+  """The config as JSON-compatible data (tuples become lists), as stored in run.json."""
   return json.loads(json.dumps(config.to_dict(), default=str))
 
 
@@ -62,23 +73,117 @@ def require_same_config(stored: dict, config: ml_collections.ConfigDict, what: s
     )
 
 
-class Checkpointer:
-  """Saves and restores training stages; a context manager that catches SIGTERM and SIGINT."""
+def digest(arrays: Mapping[str, np.ndarray]) -> str:
+  """A SHA-256 of named arrays (their names, dtypes, shapes and bytes)."""
+  sha = hashlib.sha256()
+  for name in sorted(arrays):
+    array = np.ascontiguousarray(arrays[name])
+    sha.update(f'{name}:{array.dtype.str}:{array.shape}'.encode())
+    sha.update(array.tobytes())
+  return sha.hexdigest()
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, force: bool = False):
-    self._directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self._every = config.checkpoint.every_epochs
+
+def write_atomically(path: str, content: bytes) -> None:
+  """Writes `content` to `path` through a temporary file and one rename."""
+  temporary = f'{path}.tmp-{os.getpid()}'
+  with open(temporary, 'wb') as f:
+    f.write(content)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(temporary, path)
+
+
+class Stage:
+  """The checkpoints of one training stage in progress: `restore`, then `due` and `save`."""
+
+  def __init__(self, run: 'Run', name: str, num_epochs: int, step_offset: int):
+    self.name = name
+    self.num_epochs = num_epochs
+    self.step_offset = step_offset  # Epochs of the stages before it: TensorBoard's steps.
+    self._run = run
+    self._directory = os.path.join(run.directory, name)
+    self._manager = None
+
+  def __enter__(self) -> 'Stage':
+    options = ocp.CheckpointManagerOptions(max_to_keep=self._run.max_to_keep, create=True)
+    self._manager = ocp.CheckpointManager(self._directory, options=options)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def restore(self, state, aul_state) -> tuple[Any, Any, int]:
+    """(state, aul_state, epochs done) from the newest intact checkpoint; the arguments,
+    which say how to place the arrays, and 0 when there is none."""
+    like = {'state': state, 'aul_state': aul_state}
+    args = ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(train=args))['train']
+      except Exception as error:  # noqa: BLE001 - orbax raises many kinds for damaged files.
+        self._run.log(
+          f'checkpoint {step} of stage {self.name} in {self._directory} is damaged '
+          f'({_first_line(error)}); trying an older one'
+        )
+        continue
+      self._run.log(f'resuming the {self.name} stage after epoch {step}')
+      return restored['state'], restored['aul_state'], step
+    if self._manager.all_steps():
+      self._run.log(f'no intact checkpoint of stage {self.name} is left; starting it over')
+    return state, aul_state, 0
+
+  def due(self, epochs_done: int) -> bool:
+    """Whether to save after `epochs_done` epochs: periodically, at the end, or when asked."""
+    every = self._run.every_epochs
+    periodic = every > 0 and epochs_done % every == 0
+    return periodic or epochs_done == self.num_epochs or self._run.stop_requested
+
+  def save(self, epochs_done: int, state, aul_state) -> None:
+    """Saves the stage after `epochs_done` epochs; raises Preempted if a signal asked to stop."""
+    items = {'train': ocp.args.StandardSave({'state': state, 'aul_state': aul_state})}
+    self._manager.save(epochs_done, args=ocp.args.Composite(**items), force=True)
+    if self._run.stop_requested:
+      self._manager.wait_until_finished()
+      raise Preempted(
+        f'stopped by a signal after {self.name} epoch {epochs_done}; '
+        'rerun the same command to resume'
+      )
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0] if text else ""}'[:200]
+
+
+class Run:
+  """A run's saved state in WORKDIR/checkpoints; a context manager that catches SIGTERM and
+  SIGINT (the current stage then saves at its next epoch boundary and the run stops)."""
+
+  def __init__(
+    self,
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    stages: Sequence[tuple[str, int]],
+    *,
+    log: Log = logging.info,
+    force: bool = False,
+  ):
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.every_epochs = config.checkpoint.every_epochs
+    self.max_to_keep = config.checkpoint.max_to_keep
+    self.log = log
+    self.stop_requested = False
     self._config = config
     self._force = force
-    self._manager = None
-    self._stop_requested = False
+    self._offsets = {}
+    offset = 0
+    for name, epochs in stages:
+      self._offsets[name] = (epochs, offset)
+      offset += epochs
     self._previous_handlers = {}
 
-  def __enter__(self) -> 'Checkpointer':
-    self._manager = ocp.CheckpointManager(
-      self._directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=self._config.checkpoint.max_to_keep),
-    )
+  def __enter__(self) -> 'Run':
     for signum in (signal.SIGTERM, signal.SIGINT):
       self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
     return self
@@ -86,49 +191,76 @@ class Checkpointer:
   def __exit__(self, *exc_info) -> None:
     for signum, handler in self._previous_handlers.items():
       signal.signal(signum, handler)
-    self._manager.wait_until_finished()
-    self._manager.close()
 
   def _request_stop(self, signum, frame) -> None:
-    if self._stop_requested and signum == signal.SIGINT:
+    if self.stop_requested and signum == signal.SIGINT:
       raise KeyboardInterrupt  # A second Ctrl-C stops at once, without saving.
-    self._stop_requested = True
+    self.stop_requested = True
 
-  def latest(self) -> tuple[int, dict] | None:
-    """(step, metadata) of the newest checkpoint, after checking it matches the config."""
-    step = self._manager.latest_step()
-    if step is None:
-      return None
-    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    meta = meta['meta']
-    require_same_config(
-      meta['config'], self._config, f'the checkpoint in {self._directory}', self._force
-    )
-    return step, meta
-
-  def restore(self, step: int, like: dict[str, Any]) -> dict[str, Any]:
-    """The named items of checkpoint `step`, placed like the arrays of `like`'s items."""
-    args = {
-      name: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
-      for name, tree in like.items()
-    }
-    return dict(self._manager.restore(step, args=ocp.args.Composite(**args)))
-
-  def due(self, epochs_done: int, stage_epochs: int) -> bool:
-    """Whether to save after `epochs_done` epochs of a stage of `stage_epochs`."""
-    periodic = self._every > 0 and epochs_done % self._every == 0
-    return periodic or epochs_done == stage_epochs or self._stop_requested
-
-  def save(self, step: int, items: dict[str, Any], meta: dict) -> None:
-    """Saves the named pytrees and `meta` as checkpoint `step`; raises Preempted if asked to."""
-    meta = {**meta, 'config': config_json(self._config)}
-    args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
-    self._manager.save(
-      step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), force=True
-    )
-    if self._stop_requested:
-      self._manager.wait_until_finished()
-      raise Preempted(
-        f'stopped by a signal after checkpoint {step} ({meta["stage"]} epoch {meta["epoch"]}); '
-        'rerun the same command to resume'
+  def start(self, labels: Mapping[str, np.ndarray]) -> None:
+    """Records the config and the labels, or checks them against those recorded."""
+    path = os.path.join(self.directory, 'run.json')
+    labels_digest = digest(labels)
+    stored = _read_json(path)
+    if stored is not None:
+      require_same_config(
+        stored['config'], self._config, f'the checkpoints in {self.directory}', self._force
       )
+      if stored['labels'] != labels_digest:
+        raise UserInputError(
+          'the training labels differ from those in the checkpoints (did the data or the '
+          f'noise change?); use a new --workdir, or delete {self.directory}'
+        )
+      if not self._force:
+        return
+    if _is_primary():
+      os.makedirs(self.directory, exist_ok=True)
+      content = {'config': config_json(self._config), 'labels': labels_digest}
+      write_atomically(path, json.dumps(content, indent=2, sort_keys=True).encode())
+
+  def stage(self, name: str) -> Stage:
+    """The checkpoints of stage `name`, one of those the run was planned with."""
+    epochs, offset = self._offsets[name]
+    return Stage(self, name, epochs, offset)
+
+  def finished(self, name: str) -> dict[str, np.ndarray] | None:
+    """The results of stage `name` if it finished before (None if not, or if damaged)."""
+    path = os.path.join(self.directory, f'{name}.npz')
+    if not os.path.exists(path):
+      return None
+    try:
+      with np.load(path, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+      self.log(f'the results of stage {name} in {path} are damaged ({error}); rerunning it')
+      return None
+
+  def finish(self, name: str, results: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Saves a finished stage's results and drops its checkpoints; returns the results as
+    later stages and reruns read them."""
+    results = {key: np.asarray(value) for key, value in results.items()}
+    if _is_primary():  # The other processes hold the same results (replicated state).
+      buffer = io.BytesIO()
+      np.savez(buffer, **results)
+      os.makedirs(self.directory, exist_ok=True)
+      write_atomically(os.path.join(self.directory, f'{name}.npz'), buffer.getvalue())
+      shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    return results
+
+
+def _is_primary() -> bool:
+  """Process 0 writes the run's files; the workdir is on a file system all processes share."""
+  return jax.process_index() == 0
+
+
+def _read_json(path: str) -> dict | None:
+  """A JSON file's contents; None if it does not exist; UserInputError if it is damaged."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as error:
+    raise UserInputError(
+      f'{path} is damaged ({error}); delete it to start the run over, or use a new --workdir'
+    ) from None

@@ -8,11 +8,11 @@ import dataclasses
 import difflib
 import zipfile
 
-import ml_collections
 import numpy as np
 from sklearn import datasets as sk_datasets
 from sklearn import model_selection
 
+from aul_jax import checks
 from aul_jax.errors import UserInputError
 
 BUILTIN_NAMES = ('digits', 'npz')
@@ -29,7 +29,6 @@ _NPZ_REQUIRED = ('x_train', 'y_train')
 
 _STD_FLOOR = 1e-6  # Raw pixel units; keeps constant channels from dividing by zero.
 _STATS_CHUNK = 1 << 20  # Pixels per chunk when computing float64 statistics.
-_MAX_LABEL = np.iinfo(np.int32).max  # Labels are stored as int32.
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -47,30 +46,25 @@ class Dataset:
   std: np.ndarray  # (C,) float32 per-channel std in raw pixel units.
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  """Returns the `data` sub-config with its defaults: scikit-learn's digits."""
-  return ml_collections.ConfigDict(
-    {'name': 'digits', 'path': '', 'data_dir': '', 'test_fraction': 0.2, 'split_seed': 0}
-  )
-
-
-def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
-  """Loads the data set named by `config.name` ('digits', 'npz' or a TFDS name)."""
-  name = _field(config, 'name')
+def load_dataset(
+  name: str = 'digits',
+  *,
+  path: str = '',
+  data_dir: str = '',
+  test_fraction: float = 0.2,
+  split_seed: int = 0,
+) -> Dataset:
+  """Loads 'digits' (split by test_fraction and split_seed), 'npz' (the file at `path`) or a
+  TFDS data set prepared in `data_dir`; the fields of `config.data`."""
   if not isinstance(name, str) or not name:
     raise UserInputError(f'data.name {name!r} is invalid; expected a non-empty string')
   if name == 'digits':
-    arrays = _load_digits(_field(config, 'test_fraction'), _field(config, 'split_seed'))
+    arrays = _load_digits(test_fraction, split_seed)
   elif name == 'npz':
-    arrays = _load_npz(_field(config, 'path'))
+    arrays = _load_npz(path)
   else:
-    arrays = _load_tfds(name, _field(config, 'data_dir'))
+    arrays = _load_tfds(name, data_dir)
   return _make_dataset(name, *arrays)
-
-
-def _field(config: ml_collections.ConfigDict, key: str):
-  """Returns config[key], falling back to `default_data_config()` for absent fields."""
-  return config.get(key, default_data_config()[key])
 
 
 # Each loader returns raw (x_train, y_train, x_test, y_test, num_classes) with images
@@ -80,11 +74,11 @@ _RawArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
 
 def _load_digits(test_fraction: float, split_seed: int) -> _RawArrays:
   """Loads scikit-learn's 8x8 digits with a seeded, stratified train/test split."""
-  if isinstance(test_fraction, bool) or not isinstance(test_fraction, int | float):
+  if not checks.is_number(test_fraction):
     raise UserInputError(f'data.test_fraction {test_fraction!r} is invalid; expected a float')
   if not 0 < test_fraction < 1:
     raise UserInputError(f'data.test_fraction {test_fraction} is invalid; expected 0 < f < 1')
-  if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+  if not checks.is_int(split_seed) or split_seed < 0:
     raise UserInputError(f'data.split_seed {split_seed!r} is invalid; expected an integer >= 0')
   digits = sk_datasets.load_digits()
   x_NHWC = digits.images[..., None]
@@ -105,11 +99,9 @@ def _load_npz(path: str) -> _RawArrays:
   if not path:
     raise UserInputError("data.path is required for data.name='npz'")
   arrays = _read_npz(path)
-  x_train = _check_images(path, 'x_train', arrays['x_train'])
-  y_train = _check_labels(path, 'y_train', arrays['y_train'], 'x_train', len(x_train))
+  x_train, y_train = _checked_split(path, arrays, 'train')
   if 'x_test' in arrays:
-    x_test = _check_images(path, 'x_test', arrays['x_test'])
-    y_test = _check_labels(path, 'y_test', arrays['y_test'], 'x_test', len(x_test))
+    x_test, y_test = _checked_split(path, arrays, 'test')
     if x_test.shape[1:] != x_train.shape[1:]:
       raise UserInputError(
         f"data file {path}: key 'x_test' has images of shape {x_test.shape[1:]} but 'x_train' "
@@ -123,6 +115,19 @@ def _load_npz(path: str) -> _RawArrays:
     keys = "keys 'y_train' and 'y_test' hold" if len(y_test) else "key 'y_train' holds"
     raise UserInputError(f'data file {path}: {keys} only class 0; expected at least 2 classes')
   return x_train, y_train, x_test, y_test, num_classes
+
+
+def _checked_split(path: str, arrays: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """One split's images as (N, H, W, C) and labels as int32, checked."""
+  x_key, y_key = f'x_{split}', f'y_{split}'
+  x = checks.images(arrays[x_key], f'data file {path}: key {x_key!r}')
+  y = checks.class_labels(
+    arrays[y_key],
+    f'data file {path}: key {y_key!r}',
+    count=len(x),
+    count_of=f'{x_key!r} has {len(x)} images',
+  )
+  return x, y
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -163,48 +168,6 @@ def _read_npz_key(npz: np.lib.npyio.NpzFile, path: str, key: str) -> np.ndarray:
     ) from e
   except (OSError, EOFError, zipfile.BadZipFile) as e:
     raise UserInputError(f'data file {path}: key {key!r} could not be read ({e})') from e
-
-
-def _check_images(path: str, key: str, x: np.ndarray) -> np.ndarray:
-  """Returns finite, non-empty images as (N, H, W, C); raises UserInputError otherwise."""
-  where = f'data file {path}: key {key!r}'
-  if x.dtype.kind not in 'uif':
-    raise UserInputError(f'{where} has dtype {x.dtype}; expected uint8, integer or float images')
-  if x.ndim not in (3, 4):
-    raise UserInputError(f'{where} has shape {x.shape}; expected (N, H, W) or (N, H, W, C)')
-  if x.shape[0] == 0:
-    raise UserInputError(f'{where} has 0 images; expected at least one')
-  if x.size == 0:
-    raise UserInputError(f'{where} has empty images of shape {x.shape[1:]}; expected H, W, C > 0')
-  if x.dtype.kind == 'f':
-    bad = np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))
-    if bad.size:
-      raise UserInputError(f'{where} has NaN or inf pixels in image {bad[0]}; expected finite')
-  return x if x.ndim == 4 else x[..., None]
-
-
-def _check_labels(path: str, key: str, y: np.ndarray, x_key: str, num_images: int) -> np.ndarray:
-  """Returns integer labels as int32 (N,); Keras's (N, 1) layout is flattened."""
-  where = f'data file {path}: key {key!r}'
-  if y.dtype.kind not in 'iu':
-    raise UserInputError(f'{where} has dtype {y.dtype}; expected integer class labels 0..K-1')
-  if y.ndim == 2 and y.shape[1] == 1:
-    y = y[:, 0]
-  if y.ndim != 1:
-    raise UserInputError(f'{where} has shape {y.shape}; expected 1-D labels (N,) or (N, 1)')
-  if len(y) != num_images:
-    raise UserInputError(f'{where} has {len(y)} entries but {x_key!r} has {num_images} images')
-  negative = np.flatnonzero(y < 0)
-  if negative.size:
-    i = negative[0]
-    raise UserInputError(f'{where} has negative label {y[i]} at index {i}; expected 0..K-1')
-  too_big = np.flatnonzero(y > _MAX_LABEL)
-  if too_big.size:
-    i = too_big[0]
-    raise UserInputError(
-      f'{where} has label {y[i]} at index {i}, out of range; expected 0..K-1 with K <= {_MAX_LABEL}'
-    )
-  return y.astype(np.int32)
 
 
 def _load_tfds(name: str, data_dir: str) -> _RawArrays:

@@ -11,18 +11,20 @@ mixture. A rule turns scores into p(mislabeled | scores) and a noise-rate estima
   class_gmm  one mixture per given label, so a class whose examples are all harder (or
              a class that absorbs another's flipped labels) gets its own clean and noisy
              modes; the noise estimate is the count-weighted mean of the classes' weights.
-The mislabeled component is the one with the higher (mean standardised) score.
-Threshold samples (`aul_jax.threshold_samples`) need extra training runs.
+  threshold  AUM only: Pleiss et al.'s threshold samples (`aul_jax.threshold_samples`),
+             from the extra runs' statistics 'threshold_aum' and 'is_threshold', (R, N) each.
+The mislabeled component is the one with the higher (mean standardised) score. `detect` takes
+plain arguments, so the pipeline, `aul_jax.score` and library users call it alike.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aul_jax import gmm, threshold_samples
+from aul_jax import config, gmm, threshold_samples
 
 # Mislabeling score of each statistic (higher = more likely mislabeled).
 SCORES: dict[str, Callable[[dict], np.ndarray]] = {
@@ -31,9 +33,11 @@ SCORES: dict[str, Callable[[dict], np.ndarray]] = {
   'confidence': lambda s: -s['confidence'],
   'last_loss': lambda s: s['last_loss'],
 }
-RULES = ('sign', 'gmm', 'class_gmm')
+RULES = ('sign', 'gmm', 'class_gmm', 'threshold')
 # Statistics whose natural decision boundary is a score of 0 (margin = 0: a tie).
 SIGNED = ('aum',)
+# Rules that judge the AUM of extra training runs (with threshold samples).
+EXTRA_RUNS = ('threshold',)
 
 
 class Verdict(NamedTuple):
@@ -88,7 +92,12 @@ def _summary_score(score):
   return np.mean((score - score.mean(0)) / np.maximum(score.std(0), 1e-12), axis=-1)
 
 
-def global_mixture(score, *, max_iter=1000, tol=1e-7, n_init=1, init='quantile') -> Verdict:
+_MAX_ITER, _TOL, _N_INIT = (config.MIXTURE[k] for k in ('max_iter', 'tol', 'n_init'))
+
+
+def global_mixture(
+  score, *, max_iter=_MAX_ITER, tol=_TOL, n_init=_N_INIT, init='quantile'
+) -> Verdict:
   """The paper's rule: one mixture; its higher-mean component is 'mislabeled'.
 
   One statistic is fit in its own units (as the paper does); several are standardised.
@@ -102,7 +111,14 @@ def global_mixture(score, *, max_iter=1000, tol=1e-7, n_init=1, init='quantile')
 
 
 def class_mixtures(
-  score, labels_N, num_classes: int, *, max_iter=1000, tol=1e-7, n_init=1, init='quantile'
+  score,
+  labels_N,
+  num_classes: int,
+  *,
+  max_iter=_MAX_ITER,
+  tol=_TOL,
+  n_init=_N_INIT,
+  init='quantile',
 ) -> Verdict:
   """One mixture per given label (fit in parallel, each over its class's examples)."""
   labels = jnp.asarray(labels_N)
@@ -130,21 +146,13 @@ def margin_sign(score_N) -> Verdict:
   return _flags(score_N, score_N > 0)
 
 
-def threshold_verdict(aum_RxN, sets: list, percentile: float) -> Verdict:
-  """The threshold-sample rule on the AUM of R runs with disjoint threshold `sets`
-  (`threshold_samples.judge`); the score is the threshold minus the AUM."""
-  margin_N, flagged_N = threshold_samples.judge(aum_RxN, sets, percentile)
+def threshold_verdict(statistics: Mapping, percentile: float) -> Verdict:
+  """The threshold-sample rule on the AUM of R runs, `statistics['threshold_aum']`, whose
+  threshold samples are `statistics['is_threshold']` ((R, N) each); the score is the
+  threshold minus the AUM (`threshold_samples.judge`)."""
+  sets = [np.flatnonzero(mask_N) for mask_N in np.asarray(statistics['is_threshold'])]
+  margin_N, flagged_N = threshold_samples.judge(statistics['threshold_aum'], sets, percentile)
   return _flags(-margin_N, flagged_N)
-
-
-def run_rule(rule: str, score, labels_N, num_classes: int, **fit_options) -> Verdict:
-  if rule == 'sign':
-    return margin_sign(score)
-  if rule == 'gmm':
-    return global_mixture(score, **fit_options)
-  if rule == 'class_gmm':
-    return class_mixtures(score, labels_N, num_classes, **fit_options)
-  raise ValueError(f'unknown rule {rule!r}; known: {", ".join(RULES)}')
 
 
 def check(statistic: str, rule: str) -> None:
@@ -152,20 +160,36 @@ def check(statistic: str, rule: str) -> None:
   names = statistic_names(statistic)
   if rule not in RULES:
     raise ValueError(f'unknown rule {rule!r}; known: {", ".join(RULES)}')
-  if rule == 'sign' and names not in [(name,) for name in SIGNED]:
-    raise ValueError(f'rule sign needs a margin statistic ({", ".join(SIGNED)}), not {statistic!r}')
+  if rule in ('sign', 'threshold') and names not in [(name,) for name in SIGNED]:
+    raise ValueError(
+      f'rule {rule} needs a margin statistic ({", ".join(SIGNED)}), not {statistic!r}'
+    )
 
 
-def detect(statistics: dict, labels_N, num_classes: int, detector_config, gmm_config) -> Verdict:
-  """The configured detector (`config.detector`) on a run's statistics (`aul.statistics`)."""
-  check(detector_config.statistic, detector_config.rule)
-  score = mislabel_score(statistics, detector_config.statistic)
-  return run_rule(
-    detector_config.rule,
-    score,
-    labels_N,
-    num_classes,
-    max_iter=gmm_config.max_iter,
-    tol=gmm_config.tol,
-    n_init=gmm_config.n_init,
-  )
+def detect(
+  statistics: Mapping[str, np.ndarray],
+  labels_N=None,
+  num_classes: int | None = None,
+  *,
+  statistic: str = 'aum',
+  rule: str = 'sign',
+  threshold_percentile: float = 99.0,
+  mixture: Mapping = config.MIXTURE,
+) -> Verdict:
+  """The detector `statistic` + `rule` on a run's per-example statistics (`aul.statistics`).
+
+  `labels_N` and `num_classes` are needed by 'class_gmm'; `mixture` holds the fits'
+  max_iter, tol and n_init.
+  """
+  check(statistic, rule)
+  if rule == 'threshold':
+    return threshold_verdict(statistics, threshold_percentile)
+  score = mislabel_score(statistics, statistic)
+  options = {name: mixture[name] for name in ('max_iter', 'tol', 'n_init')}
+  if rule == 'sign':
+    return margin_sign(score)
+  if rule == 'gmm':
+    return global_mixture(score, **options)
+  if labels_N is None or num_classes is None:
+    raise ValueError('rule class_gmm fits one mixture per given label: it needs the labels')
+  return class_mixtures(score, labels_N, num_classes, **options)

@@ -1,16 +1,13 @@
 """Multi-host start-up: `jax.distributed.initialize` when the config or environment asks.
 
-Explicit: `distributed.coordinator_address`, `num_processes` and `process_id` in the config.
-Automatic (`distributed.auto_detect`): under SLURM with more than one task, or on a
-multi-host Cloud TPU, JAX's own cluster detection fills in all three.
+Explicit: a coordinator address, the number of processes and this process's id.
+Automatic (`auto_detect`): under SLURM with more than one task, or on a multi-host Cloud TPU,
+JAX's own cluster detection fills in all three.
 """
 
 import os
 
 import jax
-import ml_collections
-
-from aul_jax.errors import UserInputError
 
 
 def _cluster_detected(environ) -> bool:
@@ -19,36 +16,25 @@ def _cluster_detected(environ) -> bool:
   return slurm_tasks > 1 or ',' in tpu_hosts
 
 
-def wanted(distributed: ml_collections.ConfigDict, environ=os.environ) -> bool:
+def wanted(coordinator_address: str, auto_detect: bool, environ=os.environ) -> bool:
   """Whether this run spans several processes."""
-  return bool(distributed.coordinator_address) or (
-    distributed.auto_detect and _cluster_detected(environ)
-  )
+  return bool(coordinator_address) or (auto_detect and _cluster_detected(environ))
 
 
-def validate(distributed: ml_collections.ConfigDict) -> None:
-  if not distributed.coordinator_address:
-    return
-  if distributed.num_processes < 1 or not 0 <= distributed.process_id < distributed.num_processes:
-    raise UserInputError(
-      f'distributed.coordinator_address is set, so distributed.num_processes '
-      f'({distributed.num_processes}) must be >= 1 and distributed.process_id '
-      f'({distributed.process_id}) in 0..num_processes-1'
-    )
+def initialize(
+  coordinator_address: str = '', num_processes: int = 1, process_id: int = 0, auto_detect=True
+) -> None:
+  """Joins the other processes of this run; call before any JAX computation.
 
-
-def initialize(distributed: ml_collections.ConfigDict) -> None:
-  """Joins the other processes of this run; call before any JAX computation."""
-  validate(distributed)
-  if not wanted(distributed):
+  The arguments are `config.distributed`'s, checked by `config.validate_distributed`.
+  """
+  if not wanted(coordinator_address, auto_detect):
     return
   # CPU processes talk through gloo; GPUs and TPUs use their own collectives.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if distributed.coordinator_address:
+  if coordinator_address:
     jax.distributed.initialize(
-      coordinator_address=distributed.coordinator_address,
-      num_processes=distributed.num_processes,
-      process_id=distributed.process_id,
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
     )
   else:
     jax.distributed.initialize()

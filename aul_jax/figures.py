@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from aul_jax import checks
 
 CLEAN_COLOR = 'tab:blue'
 MISLABELED_COLOR = 'tab:orange'
@@ -28,8 +29,8 @@ _MAX_BINS = 100
 # --------------------------------------------------------------------------- helpers
 
 
-def _png(fig: Figure) -> bytes:
-  """Renders fig with Agg into PNG bytes."""
+def png(fig: Figure) -> bytes:
+  """Renders fig with Agg into PNG bytes: every figure of the package goes through here."""
   FigureCanvasAgg(fig)
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=_DPI)
@@ -180,7 +181,7 @@ def aul_histogram(aul_N: Any, mixture: Any, is_mislabeled_N: Any = None) -> byte
     title += f', true {truth_N.mean():.1%}'
   ax.set(title=title, xlabel='AUL (area under the loss curve)', ylabel='density')
   ax.legend(fontsize=8)
-  return _png(fig)
+  return png(fig)
 
 
 # ----------------------------------------------------- Fig. 2: loss and AUL histograms
@@ -235,7 +236,7 @@ def loss_and_aul_histograms(
   axes[0, 0].set_ylabel('density (per class)')
   axes[1, 0].set_ylabel('density (per class)')
   fig.suptitle('Training loss vs AUL as a detector of mislabeled examples', fontsize=11)
-  return _png(fig)
+  return png(fig)
 
 
 # ------------------------------------------------------------- Fig. 8: AUROC by epoch
@@ -279,7 +280,7 @@ def auroc_per_epoch(history_NxT: Any, is_mislabeled_N: Any) -> bytes:
       transform=ax.transAxes,
     )
     ax.set(xlim=(0.5, epochs_T[-1] + 0.5), ylim=(0, 1))
-    return _png(fig)
+    return png(fig)
   marker = 'o' if epochs_T.size <= 30 else None
   ax.plot(
     epochs_T,
@@ -300,17 +301,18 @@ def auroc_per_epoch(history_NxT: Any, is_mislabeled_N: Any) -> bytes:
   ax.set(xlim=(0.5, epochs_T[-1] + 0.5), ylim=(low, 1.01))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=9, loc='best')
-  return _png(fig)
+  return png(fig)
 
 
 # ----------------------------------------------------------- Fig. 1: top-AUL images
 
 
 def _display_image(image: np.ndarray) -> np.ndarray:
-  """An (H, W) or (H, W, 3) image min-max rescaled to [0, 1] for imshow."""
+  """An (H, W) or (H, W, C) image min-max rescaled to [0, 1] for imshow: RGB for C = 3,
+  else the mean over channels in grey (C = 2, 4 or more channels are not colours)."""
   image = np.asarray(image, np.float64)
-  if image.ndim == 3 and image.shape[-1] == 1:
-    image = image[..., 0]
+  if image.ndim == 3 and image.shape[-1] != 3:
+    image = image.mean(axis=-1)
   lo, hi = image.min(), image.max()
   return (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
 
@@ -322,10 +324,8 @@ def _label_name(label: Any, class_names: Sequence[str] | None) -> str:
 
 def _check_images(images, labels_N, aul_N, true_labels_N, count) -> None:
   """Raises ValueError unless images are (N, H, W[, 1|3]) with N labels (true too) and AULs."""
-  if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
-    raise ValueError(
-      f'images must be (N, H, W) or (N, H, W, C) with C in (1, 3); got {images.shape}'
-    )
+  if images.ndim not in (3, 4):
+    raise ValueError(f'images must be (N, H, W) or (N, H, W, C); got {images.shape}')
   n = images.shape[0]
   if labels_N.shape != (n,) or aul_N.shape != (n,):
     raise ValueError(
@@ -333,7 +333,7 @@ def _check_images(images, labels_N, aul_N, true_labels_N, count) -> None:
     )
   if true_labels_N is not None and true_labels_N.shape != (n,):
     raise ValueError(f'true_labels_N must have shape ({n},); got {true_labels_N.shape}')
-  if not (isinstance(count, numbers.Integral) and not isinstance(count, bool) and count >= 1):
+  if not (checks.is_int(count) and count >= 1):
     raise ValueError(f'count must be an int >= 1; got {count!r}')
 
 
@@ -373,7 +373,7 @@ def top_aul_images(
   for ax in axes[top.size :]:
     ax.set_axis_off()
   fig.suptitle('Highest-AUL training images: given label (AUL)', fontsize=10)
-  return _png(fig)
+  return png(fig)
 
 
 # ------------------------------------------------------------------------- all figures

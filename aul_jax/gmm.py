@@ -7,7 +7,7 @@ pure jax.numpy, so it runs eagerly, under `jax.jit` and under `jax.vmap`, on any
 Numerics (details in docs/gmm.md):
 - EM runs in standardized units z = (x - center) / scale, so float32 keeps its precision
   for scores offset by 1e8 or scaled by 1e-8; parameters are mapped back at the end.
-- Responsibilities are computed in log space. For K = 2 on 1-D data the log-odds of the
+- Responsibilities are computed in log space. For M = 2 on 1-D data the log-odds of the
   lighter component are a quadratic in z, one exp per sample gives both responsibilities
   without cancellation, and one pass over the samples takes all the sums an EM step needs.
 - Second moments are summed about the current component means (not about zero), which
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from aul_jax import checks
 
 Array = jax.Array
 
@@ -44,9 +45,9 @@ _QUANTILE_SAMPLE = 1 << 16
 
 
 class GaussianMixture(NamedTuple):
-  """A mixture of K Gaussians with diagonal covariance; a pytree of arrays.
+  """A mixture of M Gaussians with diagonal covariance; a pytree of arrays.
 
-  `means` and `variances` are (K,) for 1-D data and (K, D) for (N, D) data;
+  `means` and `variances` are (M,) for 1-D data and (M, D) for (N, D) data;
   `log_likelihood` is the mean log-density per (weighted) sample at these parameters.
   """
 
@@ -59,11 +60,11 @@ class GaussianMixture(NamedTuple):
 
 
 class _Params(NamedTuple):
-  """Mixture parameters in standardized units, always (K,), (K, D), (K, D)."""
+  """Mixture parameters in standardized units, always (M,), (M, D), (M, D)."""
 
-  weights_K: Array
-  means_KxD: Array
-  variances_KxD: Array
+  weights_M: Array
+  means_MxD: Array
+  variances_MxD: Array
 
 
 class _Frame(NamedTuple):
@@ -74,7 +75,7 @@ class _Frame(NamedTuple):
 
 
 class _Blocks(NamedTuple):
-  """Standardized samples, as (B, C, ...) cache-sized blocks plus a (T, ...) tail."""
+  """Standardized samples, as cache-sized blocks, (num_blocks, block, ...), and a tail."""
 
   z_main: Array | None
   w_main: Array | None
@@ -96,9 +97,9 @@ class _Sums(NamedTuple):
   `ll_sum` is the weighted sum of the per-sample log-density (in standardized units).
   """
 
-  resp_K: Array
-  first_KxD: Array
-  second_KxD: Array
+  resp_M: Array
+  first_MxD: Array
+  second_MxD: Array
   ll_sum: Array
 
 
@@ -117,11 +118,11 @@ def fit(
   init: str | GaussianMixture = 'quantile',
   key: Array | None = None,
 ) -> GaussianMixture:
-  """Fits a K-component diagonal Gaussian mixture to x, (N,) or (N, D), by EM.
+  """Fits an M-component diagonal Gaussian mixture to x, (N,) or (N, D), by EM.
 
   Args:
     x: scores, (N,) or (N, D). Float64 input is fit in float64 when x64 is enabled.
-    n_components: K, the number of components.
+    n_components: M, the number of components.
     weights: optional (N,) per-sample weights in [0, 1]; samples with weight 0 have no
       influence at all, whatever their value (padding, other shards' slots).
     max_iter: most EM iterations; with tol=0 exactly max_iter are run.
@@ -130,7 +131,7 @@ def fit(
     reg_covar: added to every variance in each M step, in data units (as scikit-learn).
     n_init: restarts, run in parallel; the fit with the best log-likelihood is kept.
       Restart 0 starts from `init`, the others from means drawn from the data.
-    init: 'quantile' (means at the (k + 1/2)/K weighted quantiles, equal weights, the data
+    init: 'quantile' (means at the (m + 1/2)/M weighted quantiles, equal weights, the data
       variance), 'kmeans' (Lloyd's k-means from those means, then each cluster's weight,
       mean and variance, as scikit-learn's default; better for unbalanced mixtures),
       'random' (means drawn from the data; needs key) or a GaussianMixture whose weights,
@@ -177,20 +178,20 @@ def log_prob(gm: GaussianMixture, x: Any) -> Array:
 
 
 def predict_proba(gm: GaussianMixture, x: Any) -> Array:
-  """Posterior probability of each component for each sample of x, (N, K), in log space."""
+  """Posterior probability of each component for each sample of x, (N, M), in log space."""
   return jax.nn.softmax(_component_log_probs(gm, x), axis=1)
 
 
 def sort_by_mean(gm: GaussianMixture) -> GaussianMixture:
   """Reorders components by ascending mean, so the last is the 'mislabeled' component.
 
-  For (K, D) means the key is the mean over features.
+  For (M, D) means the key is the mean over features.
   """
-  order_K = jnp.argsort(_mean_key(gm))
+  order_M = jnp.argsort(_mean_key(gm))
   return gm._replace(
-    weights=jnp.asarray(gm.weights)[order_K],
-    means=jnp.asarray(gm.means)[order_K],
-    variances=jnp.asarray(gm.variances)[order_K],
+    weights=jnp.asarray(gm.weights)[order_M],
+    means=jnp.asarray(gm.means)[order_M],
+    variances=jnp.asarray(gm.variances)[order_M],
   )
 
 
@@ -213,15 +214,15 @@ def _check_config(x, n_components, weights, max_iter, tol, n_init, init, key) ->
     raise ValueError(f'x must be (N,) or (N, D); got shape {x.shape}')
   if x.shape[0] == 0 or (x.ndim == 2 and x.shape[1] == 0):
     raise ValueError(f'x is empty: shape {x.shape}')
-  if not (_is_int(n_components) and n_components >= 1):
+  if not (checks.is_int(n_components) and n_components >= 1):
     raise ValueError(f'n_components must be an int >= 1; got {n_components!r}')
   if weights is not None and weights.shape != x.shape[:1]:
     raise ValueError(f'weights must have shape {x.shape[:1]}; got {weights.shape}')
-  if not (_is_int(max_iter) and max_iter >= 1):
+  if not (checks.is_int(max_iter) and max_iter >= 1):
     raise ValueError(f'max_iter must be an int >= 1; got {max_iter!r}')
-  if not (isinstance(tol, numbers.Real) and tol >= 0):
+  if not (checks.is_number(tol) and tol >= 0):
     raise ValueError(f'tol must be a Python float >= 0; got {tol!r}')
-  if not (_is_int(n_init) and n_init >= 1):
+  if not (checks.is_int(n_init) and n_init >= 1):
     raise ValueError(f'n_init must be an int >= 1; got {n_init!r}')
   if isinstance(init, str):
     if init not in _INITS:
@@ -234,13 +235,8 @@ def _check_config(x, n_components, weights, max_iter, tol, n_init, init, key) ->
     raise ValueError("init='random' and n_init > 1 need a key, e.g. key=jax.random.key(0)")
 
 
-def _is_int(value: Any) -> bool:
-  """True for Python and NumPy integers, not for bools."""
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_init_shapes(init: GaussianMixture, x: Array, n_components: int) -> None:
-  """Raises ValueError unless init's parameters fit K = n_components and x's features."""
+  """Raises ValueError unless init's parameters fit M = n_components and x's features."""
   mean_shape = (n_components,) + x.shape[1:]
   got = tuple(np.shape(a) for a in (init.weights, init.means, init.variances))
   if got != ((n_components,), mean_shape, mean_shape):
@@ -322,8 +318,8 @@ def _fit_jit(
 
 def _best(results: tuple) -> tuple:
   """The restart with the highest final log-likelihood (NaN counts as the lowest)."""
-  ll_R = results[1]
-  best = jnp.argmax(jnp.where(jnp.isnan(ll_R), -jnp.inf, ll_R))
+  ll_I = results[1]
+  best = jnp.argmax(jnp.where(jnp.isnan(ll_I), -jnp.inf, ll_I))
   return jax.tree.map(lambda a: a[best], results)
 
 
@@ -357,7 +353,7 @@ def _totals(z_NxD: Array, w_N: Array | None) -> _Totals:
 
 
 def _blocks(z: Array, w_N: Array | None, block: int | None) -> _Blocks:
-  """Splits z, (N, ...), into (B, C, ...) blocks of C = block samples and a tail."""
+  """Splits z, (N, ...), into blocks of `block` samples, (num_blocks, block, ...), and a tail."""
   n = z.shape[0]
   if block is None or n < 2 * block or _is_sharded(z):
     return _Blocks(None, None, z, w_N)
@@ -425,62 +421,62 @@ def _initial_params(
   return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
 
 
-def _equal_weights(means_KxD: Array) -> _Params:
+def _equal_weights(means_MxD: Array) -> _Params:
   """Equal weights and the data variance, which is 1 in standardized units."""
-  k = means_KxD.shape[0]
-  weights_K = jnp.full((k,), 1 / k, means_KxD.dtype)
-  return _Params(weights_K, means_KxD, jnp.ones_like(means_KxD))
+  k = means_MxD.shape[0]
+  weights_M = jnp.full((k,), 1 / k, means_MxD.dtype)
+  return _Params(weights_M, means_MxD, jnp.ones_like(means_MxD))
 
 
 def _kmeans_params(z_NxD: Array, w_N: Array | None, k: int) -> _Params:
   """Each k-means cluster's weight, mean and variance (Lloyd from the quantiles, until stable)."""
   w_N = jnp.ones(z_NxD.shape[0], z_NxD.dtype) if w_N is None else w_N
 
-  def clusters(means_KxD):
-    dist_NxK = jnp.stack([jnp.sum(jnp.square(z_NxD - m_D), axis=1) for m_D in means_KxD], 1)
-    member_NxK = w_N[:, None] * jax.nn.one_hot(jnp.argmin(dist_NxK, axis=1), k, dtype=w_N.dtype)
-    count_K = jnp.sum(member_NxK, axis=0)
-    safe_K = jnp.where(count_K > 0, count_K, 1)[:, None]
-    centre_KxD = jnp.where(count_K[:, None] > 0, member_NxK.T @ z_NxD / safe_K, means_KxD)
-    return member_NxK, count_K, centre_KxD
+  def clusters(means_MxD):
+    dist_NxM = jnp.stack([jnp.sum(jnp.square(z_NxD - m_D), axis=1) for m_D in means_MxD], 1)
+    member_NxM = w_N[:, None] * jax.nn.one_hot(jnp.argmin(dist_NxM, axis=1), k, dtype=w_N.dtype)
+    count_M = jnp.sum(member_NxM, axis=0)
+    safe_M = jnp.where(count_M > 0, count_M, 1)[:, None]
+    centre_MxD = jnp.where(count_M[:, None] > 0, member_NxM.T @ z_NxD / safe_M, means_MxD)
+    return member_NxM, count_M, centre_MxD
 
   def moving(state):
-    means_KxD, previous_KxD, i = state
-    return (i < _KMEANS_ITERATIONS) & jnp.any(means_KxD != previous_KxD)
+    means_MxD, previous_MxD, i = state
+    return (i < _KMEANS_ITERATIONS) & jnp.any(means_MxD != previous_MxD)
 
   def step(state):
-    means_KxD, _, i = state
-    return clusters(means_KxD)[2], means_KxD, i + 1
+    means_MxD, _, i = state
+    return clusters(means_MxD)[2], means_MxD, i + 1
 
-  start_KxD = _quantile_means(z_NxD, w_N, k)
-  means_KxD, _, _ = lax.while_loop(moving, step, step((start_KxD, start_KxD, 0)))
-  member_NxK, count_K, means_KxD = clusters(means_KxD)
-  safe_K = jnp.where(count_K > 0, count_K, 1)[:, None]
-  spread_KxD = (
-    jnp.stack([member_NxK[:, j] @ jnp.square(z_NxD - means_KxD[j]) for j in range(k)]) / safe_K
+  start_MxD = _quantile_means(z_NxD, w_N, k)
+  means_MxD, _, _ = lax.while_loop(moving, step, step((start_MxD, start_MxD, 0)))
+  member_NxM, count_M, means_MxD = clusters(means_MxD)
+  safe_M = jnp.where(count_M > 0, count_M, 1)[:, None]
+  spread_MxD = (
+    jnp.stack([member_NxM[:, j] @ jnp.square(z_NxD - means_MxD[j]) for j in range(k)]) / safe_M
   )
   floor = 10 * jnp.finfo(z_NxD.dtype).eps
-  weights_K = (count_K + floor) / jnp.sum(count_K + floor)
-  return _Params(weights_K, means_KxD, jnp.maximum(spread_KxD, floor))
+  weights_M = (count_M + floor) / jnp.sum(count_M + floor)
+  return _Params(weights_M, means_MxD, jnp.maximum(spread_MxD, floor))
 
 
 def _quantile_means(z_NxD: Array, w_N: Array | None, k: int) -> Array:
-  """The weighted (j + 1/2)/K quantiles per feature (inverted CDF), (K, D).
+  """The weighted (m + 1/2)/M quantiles per feature (inverted CDF), (M, D).
 
   Above _QUANTILE_SAMPLE samples, of that many positive-weight samples evenly spaced by
   position, which keeps the initialisation O(N) and deterministic.
   """
-  z_SxD, w_S = _replicated(_even_sample(z_NxD, w_N, _QUANTILE_SAMPLE))
-  probs_K = (jnp.arange(k, dtype=z_NxD.dtype) + 0.5) / k
-  w_S = jnp.ones(z_SxD.shape[0], z_NxD.dtype) if w_S is None else w_S
+  z_ExD, w_E = _replicated(_even_sample(z_NxD, w_N, _QUANTILE_SAMPLE))
+  probs_M = (jnp.arange(k, dtype=z_NxD.dtype) + 0.5) / k
+  w_E = jnp.ones(z_ExD.shape[0], z_NxD.dtype) if w_E is None else w_E
 
-  def per_feature(z_S):
-    order_S = jnp.argsort(z_S)
-    cum_S = jnp.cumsum(w_S[order_S])
-    index_K = jnp.searchsorted(cum_S, probs_K * cum_S[-1], side='left')
-    return z_S[order_S][jnp.minimum(index_K, z_S.shape[0] - 1)]
+  def per_feature(z_E):
+    order_E = jnp.argsort(z_E)
+    cum_E = jnp.cumsum(w_E[order_E])
+    index_M = jnp.searchsorted(cum_E, probs_M * cum_E[-1], side='left')
+    return z_E[order_E][jnp.minimum(index_M, z_E.shape[0] - 1)]
 
-  return jax.vmap(per_feature, in_axes=1, out_axes=1)(z_SxD)
+  return jax.vmap(per_feature, in_axes=1, out_axes=1)(z_ExD)
 
 
 def _even_sample(z_NxD: Array, w_N: Array | None, size: int) -> tuple[Array, Array | None]:
@@ -492,13 +488,13 @@ def _even_sample(z_NxD: Array, w_N: Array | None, size: int) -> tuple[Array, Arr
     return _take(z_NxD, (np.arange(size) * n) // size), None
   rank_N = jnp.cumsum(_replicated(w_N > 0), axis=0)
   spacing = rank_N[-1].astype(z_NxD.dtype) / size
-  target_S = jnp.floor((jnp.arange(size) + 0.5) * spacing).astype(rank_N.dtype) + 1
-  index_S = jnp.minimum(jnp.searchsorted(rank_N, target_S, side='left'), n - 1)
-  return _take(z_NxD, index_S), _take(w_N, index_S)
+  target_E = jnp.floor((jnp.arange(size) + 0.5) * spacing).astype(rank_N.dtype) + 1
+  index_E = jnp.minimum(jnp.searchsorted(rank_N, target_E, side='left'), n - 1)
+  return _take(z_NxD, index_E), _take(w_N, index_E)
 
 
 def _random_means(z_NxD: Array, w_N: Array | None, k: int, key: Array) -> Array:
-  """K samples drawn with probability proportional to weight, (K, D)."""
+  """M samples drawn with probability proportional to weight, (M, D)."""
   n = z_NxD.shape[0]
   if w_N is None:
     return _take(z_NxD, jax.random.randint(key, (k,), 0, n))
@@ -509,24 +505,24 @@ def _random_means(z_NxD: Array, w_N: Array | None, k: int, key: Array) -> Array:
 def _standardize_params(gm: GaussianMixture, frame: _Frame, dtype) -> _Params:
   """A user-given starting point, in standardized units."""
   k = np.shape(gm.weights)[0]
-  means_KxD = jnp.asarray(gm.means, dtype).reshape(k, -1)
-  variances_KxD = jnp.asarray(gm.variances, dtype).reshape(k, -1)
-  weights_K = jnp.asarray(gm.weights, dtype)
+  means_MxD = jnp.asarray(gm.means, dtype).reshape(k, -1)
+  variances_MxD = jnp.asarray(gm.variances, dtype).reshape(k, -1)
+  weights_M = jnp.asarray(gm.weights, dtype)
   return _Params(
-    weights_K / jnp.sum(weights_K),
-    (means_KxD - frame.center_D) / frame.scale_D,
-    variances_KxD / jnp.square(frame.scale_D),
+    weights_M / jnp.sum(weights_M),
+    (means_MxD - frame.center_D) / frame.scale_D,
+    variances_MxD / jnp.square(frame.scale_D),
   )
 
 
 def _to_data_units(params, ll, n_iter, converged, frame, ndim) -> GaussianMixture:
   """Maps standardized parameters and log-likelihood back to the units of x."""
-  means_KxD = frame.center_D + frame.scale_D * params.means_KxD
-  variances_KxD = jnp.square(frame.scale_D) * params.variances_KxD
+  means_MxD = frame.center_D + frame.scale_D * params.means_MxD
+  variances_MxD = jnp.square(frame.scale_D) * params.variances_MxD
   ll = ll - jnp.sum(jnp.log(frame.scale_D))
   if ndim == 1:
-    means_KxD, variances_KxD = means_KxD[:, 0], variances_KxD[:, 0]
-  return GaussianMixture(params.weights_K, means_KxD, variances_KxD, ll, n_iter, converged)
+    means_MxD, variances_MxD = means_MxD[:, 0], variances_MxD[:, 0]
+  return GaussianMixture(params.weights_M, means_MxD, variances_MxD, ll, n_iter, converged)
 
 
 # ---------------------------------------------------------------------------------- EM
@@ -569,7 +565,7 @@ def _em_until_converged(params, estep, step, blocks, totals, count, max_iter, to
       stop,
     )
 
-  dtype = params.means_KxD.dtype
+  dtype = params.means_MxD.dtype
   minus_inf = jnp.array(-jnp.inf, dtype)
   state = (params, minus_inf, minus_inf, jnp.array(0, jnp.int32), jnp.array(False), False)
   params, _, ll, n_iter, converged, _ = lax.while_loop(lambda s: ~s[5], body, state)
@@ -578,34 +574,34 @@ def _em_until_converged(params, estep, step, blocks, totals, count, max_iter, to
 
 def _mstep(params, sums, reg_D, floor) -> _Params:
   """New weights, means and variances from sums taken about the current means."""
-  eps = 10 * jnp.finfo(sums.resp_K.dtype).eps  # scikit-learn's guard for empty components
-  resp_K = sums.resp_K + eps
-  shift_KxD = sums.first_KxD / resp_K[:, None]
-  variances_KxD = sums.second_KxD / resp_K[:, None] - jnp.square(shift_KxD) + reg_D
+  eps = 10 * jnp.finfo(sums.resp_M.dtype).eps  # scikit-learn's guard for empty components
+  resp_M = sums.resp_M + eps
+  shift_MxD = sums.first_MxD / resp_M[:, None]
+  variances_MxD = sums.second_MxD / resp_M[:, None] - jnp.square(shift_MxD) + reg_D
   return _Params(
-    resp_K / jnp.sum(resp_K),
-    params.means_KxD + shift_KxD,
-    jnp.maximum(variances_KxD, floor),
+    resp_M / jnp.sum(resp_M),
+    params.means_MxD + shift_MxD,
+    jnp.maximum(variances_MxD, floor),
   )
 
 
 def _log_normalizers(params: _Params) -> Array:
-  """log w_k - 1/2 sum_d log(2 pi v_kd), (K,)."""
-  return jnp.log(params.weights_K) - 0.5 * jnp.sum(
-    jnp.log(2 * jnp.pi * params.variances_KxD), axis=1
+  """log w_k - 1/2 sum_d log(2 pi v_kd), (M,)."""
+  return jnp.log(params.weights_M) - 0.5 * jnp.sum(
+    jnp.log(2 * jnp.pi * params.variances_MxD), axis=1
   )
 
 
 def _estep_general(params: _Params, blocks: _Blocks, totals: _Totals, with_ll: bool) -> _Sums:
-  """Responsibility-weighted sums for any K and D, log-sum-exp over per-component arrays."""
+  """Responsibility-weighted sums for any M and D, log-sum-exp over per-component arrays."""
   del totals, with_ll
-  norm_K = _log_normalizers(params)
+  norm_M = _log_normalizers(params)
 
   def sums(z_NxD, w_N):
     logp = [
-      norm_K[k]
-      - 0.5 * jnp.sum(jnp.square(z_NxD - params.means_KxD[k]) / params.variances_KxD[k], axis=1)
-      for k in range(norm_K.shape[0])
+      norm_M[k]
+      - 0.5 * jnp.sum(jnp.square(z_NxD - params.means_MxD[k]) / params.variances_MxD[k], axis=1)
+      for k in range(norm_M.shape[0])
     ]
     top_N = logp[0]
     for lp_N in logp[1:]:
@@ -615,7 +611,7 @@ def _estep_general(params: _Params, blocks: _Blocks, totals: _Totals, with_ll: b
     resp, first, second = [], [], []
     for k, lp_N in enumerate(logp):
       r_N = jnp.exp(lp_N - lse_N) if w_N is None else w_N * jnp.exp(lp_N - lse_N)
-      d_NxD = z_NxD - params.means_KxD[k]
+      d_NxD = z_NxD - params.means_MxD[k]
       rd_NxD = r_N[:, None] * d_NxD
       resp.append(jnp.sum(r_N))
       first.append(jnp.sum(rd_NxD, axis=0))
@@ -627,7 +623,7 @@ def _estep_general(params: _Params, blocks: _Blocks, totals: _Totals, with_ll: b
 
 
 def _estep_two(params: _Params, blocks: _Blocks, totals: _Totals, with_ll: bool) -> _Sums:
-  """One pass for K = 2 on 1-D data, with one exp per sample.
+  """One pass for M = 2 on 1-D data, with one exp per sample.
 
   Components are swapped so that 0 is the lighter one. With d = z - m_0, its log-odds
   are a quadratic a d^2 + b d + c, and both responsibilities, sigmoid(+-logit), come
@@ -636,17 +632,17 @@ def _estep_two(params: _Params, blocks: _Blocks, totals: _Totals, with_ll: bool)
   count and first moment are totals minus the lighter one's, well conditioned as it
   holds at least half the weight.
   """
-  swap = params.weights_K[0] > params.weights_K[1]
+  swap = params.weights_M[0] > params.weights_M[1]
   in_order = lambda a: jnp.where(swap, a[::-1], a)  # its own inverse
-  norm_K = in_order(_log_normalizers(params))
-  mean_K, var_K = in_order(params.means_KxD[:, 0]), in_order(params.variances_KxD[:, 0])
-  gap = mean_K[1] - mean_K[0]
-  a = 0.5 * (1 / var_K[1] - 1 / var_K[0])
-  b = -gap / var_K[1]
-  c = norm_K[0] - norm_K[1] + 0.5 * gap * gap / var_K[1]
+  norm_M = in_order(_log_normalizers(params))
+  mean_M, var_M = in_order(params.means_MxD[:, 0]), in_order(params.variances_MxD[:, 0])
+  gap = mean_M[1] - mean_M[0]
+  a = 0.5 * (1 / var_M[1] - 1 / var_M[0])
+  b = -gap / var_M[1]
+  c = norm_M[0] - norm_M[1] + 0.5 * gap * gap / var_M[1]
 
   def sums(z_N, w_N):
-    d_N = z_N - mean_K[0]
+    d_N = z_N - mean_M[0]
     logit_N = (a * d_N + b) * d_N + c
     e_N = jnp.exp(-jnp.abs(logit_N))
     inv_N = 1 / (1 + e_N)
@@ -664,15 +660,15 @@ def _estep_two(params: _Params, blocks: _Blocks, totals: _Totals, with_ll: bool)
     if not with_ll:
       return out + (jnp.zeros((), z_N.dtype),)
     # log(p_0 + p_1) = max(l_0, l_1) + log1p(e), without cancellation.
-    l_light_N = norm_K[0] - 0.5 * jnp.square(d_N) / var_K[0]
-    l_heavy_N = norm_K[1] - 0.5 * jnp.square(d_N - gap) / var_K[1]
+    l_light_N = norm_M[0] - 0.5 * jnp.square(d_N) / var_M[0]
+    l_heavy_N = norm_M[1] - 0.5 * jnp.square(d_N - gap) / var_M[1]
     ll_N = jnp.where(logit_N >= 0, l_light_N, l_heavy_N) + jnp.log1p(e_N)
     return out + (jnp.sum(ll_N if w_N is None else w_N * ll_N),)
 
   light_r, light_rd, light_rdd, heavy_rdd, ll_sum = _sum_over_blocks(sums, blocks)
   heavy_r = jnp.maximum(totals.count - light_r, 0)
   # Sum of w (z - m_heavy) over all samples, less the light component's share.
-  heavy_rd = totals.sum_D[0] - mean_K[1] * totals.count - (light_rd - gap * light_r)
+  heavy_rd = totals.sum_D[0] - mean_M[1] * totals.count - (light_rd - gap * light_r)
   pair = lambda light, heavy: in_order(jnp.stack([light, heavy]))
   return _Sums(
     pair(light_r, heavy_r),
@@ -686,7 +682,7 @@ def _estep_two(params: _Params, blocks: _Blocks, totals: _Totals, with_ll: bool)
 
 
 def _component_log_probs(gm: GaussianMixture, x: Any) -> Array:
-  """log w_k + log N(x | mean_k, var_k) for each sample and component, (N, K)."""
+  """log w_k + log N(x | mean_k, var_k) for each sample and component, (N, M)."""
   means = jnp.asarray(gm.means)
   k = means.shape[0]
   x = jnp.asarray(x, means.dtype)
@@ -695,14 +691,14 @@ def _component_log_probs(gm: GaussianMixture, x: Any) -> Array:
   x_Nx1xD = x.reshape(-1, 1, means.size // k)
   means_1xKxD = means.reshape(1, k, -1)
   variances_1xKxD = jnp.asarray(gm.variances).reshape(1, k, -1)
-  quad_NxK = jnp.sum(jnp.square(x_Nx1xD - means_1xKxD) / variances_1xKxD, axis=2)
-  norm_K = jnp.log(jnp.asarray(gm.weights)) - 0.5 * jnp.sum(
+  quad_NxM = jnp.sum(jnp.square(x_Nx1xD - means_1xKxD) / variances_1xKxD, axis=2)
+  norm_M = jnp.log(jnp.asarray(gm.weights)) - 0.5 * jnp.sum(
     jnp.log(2 * math.pi * variances_1xKxD[0]), axis=1
   )
-  return norm_K - 0.5 * quad_NxK
+  return norm_M - 0.5 * quad_NxM
 
 
 def _mean_key(gm: GaussianMixture) -> Array:
-  """Per-component sort key: the mean, or the mean over features for (K, D) means."""
+  """Per-component sort key: the mean, or the mean over features for (M, D) means."""
   means = jnp.asarray(gm.means)
   return means.reshape(means.shape[0], -1).mean(axis=1)

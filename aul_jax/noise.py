@@ -5,10 +5,9 @@ replacement, so the realised noise rate is exact; `transition_matrix` is the exp
 p(noisy | true) of that process. Per-class rates match the matrix only in expectation.
 """
 
-import numbers
-
 import numpy as np
 
+from aul_jax import checks
 from aul_jax.errors import UserInputError
 
 NOISE_KINDS = ('none', 'uniform', 'pair_flip')
@@ -35,7 +34,7 @@ def corrupt_labels(
   `round` is Python's (half to even). The same seed gives the same result.
   """
   _check_noise_args(kind, rate, num_classes)
-  labels_N = _check_labels(labels, num_classes)
+  labels_N = checks.class_labels(labels, 'labels', num_classes=num_classes)
   _check_seed(seed)
   rng = np.random.default_rng(seed)
   num_flips = round(rate * labels_N.size)
@@ -53,35 +52,20 @@ def _check_noise_args(kind: str, rate: float, num_classes: int) -> None:
   """Raises UserInputError unless kind, rate and num_classes describe a valid noise model."""
   if kind not in NOISE_KINDS:
     raise UserInputError(f'noise kind {kind!r} is unknown; known kinds: {", ".join(NOISE_KINDS)}')
-  if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1:
+  if not checks.is_number(rate) or not 0 <= rate < 1:
     raise UserInputError(f'noise rate {rate!r} is invalid; expected a number in [0, 1)')
   if kind == 'none' and rate != 0:
     raise UserInputError(
       f"noise rate {rate!r} was given with noise kind 'none'; set the rate to 0 or pick a kind "
       f'from {", ".join(NOISE_KINDS[1:])}'
     )
-  if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+  if not checks.is_int(num_classes):
     raise UserInputError(f'num_classes {num_classes!r} is invalid; expected an integer >= 2')
   if num_classes < 2:
     raise UserInputError(f'num_classes {num_classes} is invalid; expected at least 2 classes')
 
 
-def _check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
-  """Returns labels as int32 (N,) after checking they are integer classes 0..K-1."""
-  labels = np.asarray(labels)
-  if labels.dtype.kind not in 'iu':
-    raise UserInputError(f'labels have dtype {labels.dtype}; expected integer class labels')
-  if labels.ndim != 1:
-    raise UserInputError(f'labels have shape {labels.shape}; expected a 1-D array')
-  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-  if bad.size:
-    raise UserInputError(
-      f'labels hold {labels[bad[0]]} at index {bad[0]}; expected classes 0..{num_classes - 1}'
-    )
-  return labels.astype(np.int32)
-
-
 def _check_seed(seed: int) -> None:
   """Raises UserInputError unless seed is a non-negative integer (numpy's requirement)."""
-  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+  if not checks.is_int(seed) or seed < 0:
     raise UserInputError(f'noise seed {seed!r} is invalid; expected a non-negative integer')

@@ -1,7 +1,8 @@
-"""Run outputs (scores.csv, summary.json, aul_history.npy), written all-or-nothing.
+"""Run outputs (scores.csv, summary.json, aul_history.npy, ...), written all-or-nothing.
 
-Every file is first written under a temporary name in the workdir and renamed into place
-only once all of them were written, so a failed run never leaves a half-written output.
+Every file is first written under a temporary name in the workdir and renamed into place only
+once all of them were written. summary.json, which marks a run complete and lists the other
+files, is renamed last, so a run that failed half-way is never taken for a complete one.
 """
 
 import contextlib
@@ -78,8 +79,9 @@ def _temporary_file(directory: str) -> Iterator[str]:
       os.remove(path)
 
 
-def write_files(workdir: str, contents: Mapping[str, str | bytes]) -> None:
-  """Writes `{name: text or bytes}` into `workdir` atomically as a set."""
+def write_files(workdir: str, contents: Mapping[str, str | bytes], last: str | None = None) -> None:
+  """Writes `{name: text or bytes}` into `workdir` as a set: each file through a temporary
+  one, all renamed into place once all are written, `last` (the completion marker) last."""
   os.makedirs(workdir, exist_ok=True)
   with contextlib.ExitStack() as stack:
     staged = {}
@@ -90,25 +92,27 @@ def write_files(workdir: str, contents: Mapping[str, str | bytes]) -> None:
         f.write(content)
       os.chmod(path, 0o666 & ~_umask())  # mkstemp creates 0600; outputs are ordinary files.
       staged[name] = path
-    for name, path in staged.items():
-      os.replace(path, os.path.join(workdir, name))
+    for name in sorted(staged, key=lambda name: name == last):
+      os.replace(staged[name], os.path.join(workdir, name))
 
 
 def write_run_outputs(
   workdir: str,
   scores: Mapping[str, np.ndarray],
   summary: Mapping,
-  history_TxN: np.ndarray | None = None,
+  history_NxT: np.ndarray | None = None,
   figures: Mapping[str, bytes] | None = None,
   tables: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> None:
-  """One run's files: scores.csv, summary.json, aul_history.npy (N, T), PNGs, other CSVs."""
+  """One run's files: scores.csv, aul_history.npy (N, T), PNGs, other CSVs, and last
+  summary.json, which lists them under 'outputs'."""
   contents: dict[str, str | bytes] = {
     'scores.csv': scores_csv(scores),
-    'summary.json': summary_json(summary),
     **(figures or {}),
     **{name: scores_csv(columns) for name, columns in (tables or {}).items()},
   }
-  if history_TxN is not None:
-    contents['aul_history.npy'] = _npy_bytes(np.asarray(history_TxN, np.float32).T)
-  write_files(workdir, contents)
+  if history_NxT is not None:
+    contents['aul_history.npy'] = _npy_bytes(np.asarray(history_NxT, np.float32))
+  summary = {**summary, 'outputs': sorted(contents)}
+  contents['summary.json'] = summary_json(summary)
+  write_files(workdir, contents, last='summary.json')

@@ -1,15 +1,20 @@
-"""The AUL pipeline: noisy labels -> AUL training run -> Gaussian mixture -> retraining.
+"""The AUL method end to end, as `launch.py` runs it.
 
-Steps 1-3 of the method (paper Sections 3, 4.1 and 4.2) and the paper's baselines, split
-into named functions that each do one thing; `run` strings them together for `launch.py`.
+`run` reads as the method: check the config, load the data, corrupt its labels, train the
+detection network(s) (step 1, paper Section 3), run the detector (step 2, Section 4.1),
+retrain from scratch with the clean probabilities as weights (step 3, Section 4.2), write the
+outputs. Each step is a function below `run`, in the order it runs. Resuming is the business
+of `aul_jax.checkpointing`: each training stage saves its epochs and, once finished, an
+artifact that the later steps read, so a rerun skips what is done.
 """
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
+import math
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,14 +39,10 @@ from aul_jax import (
   train,
 )
 from aul_jax import config as config_lib
-from aul_jax import (
-  progress as progress_lib,
-)
+from aul_jax import progress as progress_lib
 from aul_jax.errors import UserInputError
 
 _VERSIONED_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'scikit-learn')
-Log = Callable[[str], None]
-Progress = progress_lib.Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,46 @@ class NoisyLabels:
   is_mislabeled: np.ndarray  # (N,) bool, known because we injected the noise.
   injected: bool  # False when noise.kind == 'none': the truth is then unknown.
 
+  @property
+  def truth(self) -> np.ndarray | None:
+    """The mislabeled mask if we know it, else None."""
+    return self.is_mislabeled if self.injected else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Dynamics:
+  """Step 1's artifact: what the detection networks measured of every example."""
+
+  statistics: dict[str, np.ndarray]  # `aul.statistics` of the AUL run, (N,) float32 each.
+  history_NxT: np.ndarray | None  # The AUL run's per-epoch losses, if recorded.
+  test_error: float | None  # Of the network trained for the AUL.
+  extra: dict[str, np.ndarray]  # The threshold runs' (R, N) 'threshold_aum', 'is_threshold'.
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+  """Step 2's result: the configured detector's verdict and the paper's, on the dynamics."""
+
+  dynamics: Dynamics
+  verdict: detectors.Verdict
+  paper: detectors.Verdict  # The AUL and one mixture (Section 4.1), whichever detector ran.
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """A network to train from scratch: on which labels and weights, with which recipe."""
+
+  stage: str  # The checkpointed stage, also the progress label: 'aul', 'retrain', ...
+  recipe: ml_collections.ConfigDict  # config.aul or config.retrain.
+  labels_N: np.ndarray
+  weights_N: np.ndarray
+  key: jax.Array
+  num_classes: int
+  method: str = 'standard'
+  method_options: dict = dataclasses.field(default_factory=dict)
+  history_dtype: str | None = None  # Record the per-epoch losses in this dtype.
+  truth_N: np.ndarray | None = None  # With the truth, the AUL's AUROC is logged per epoch.
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainedNetwork:
@@ -59,51 +100,130 @@ class TrainedNetwork:
   aul_state: aul.AULState  # On the device.
 
 
-@dataclasses.dataclass(frozen=True)
-class Detection:
-  aul_state: aul.AULState  # On the device: the AUL, its history and the other dynamics.
-  verdict: detectors.Verdict  # The configured detector's score, p(mislabeled) and estimate.
-  test_error: float | None  # Of the network trained for the AUL.
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  log: progress_lib.Log = logging.info,
+  force: bool = False,
+) -> dict:
+  """Runs the configured pipeline and writes its outputs into `workdir`; returns the summary.
 
-
-@dataclasses.dataclass(frozen=True)
-class StageCheckpoint:
-  """How one training stage ('aul' or 'retrain') saves and resumes its epochs."""
-
-  checkpointer: checkpointing.Checkpointer
-  stage: str
-  step_offset: int  # Checkpoint step = step_offset + epochs done in this stage.
-  resume: tuple[int, dict] | None  # The newest checkpoint; used if it is of this stage.
-  items: dict  # Saved with every checkpoint besides the training state (labels, detection).
-  meta: dict  # Extra JSON metadata saved with every checkpoint.
-
-
-def _resume(checkpoint: StageCheckpoint | None, state, aul_state, progress: Progress):
-  """The stage's state from its newest checkpoint, if there is one: (state, aul_state, epoch)."""
-  if checkpoint is None or checkpoint.resume is None:
-    return state, aul_state, 0
-  step, meta = checkpoint.resume
-  if meta['stage'] != checkpoint.stage:
-    return state, aul_state, 0
-  like = {'train': {'state': state, 'aul_state': aul_state}}
-  restored = checkpoint.checkpointer.restore(step, like)['train']
-  progress.log(
-    f'resuming the {checkpoint.stage} stage after epoch {meta["epoch"]} (checkpoint {step})'
+  Method 'aul' runs detection (steps 1-2) and, if retrain.epochs > 0, the weighted retraining
+  (step 3); the baselines skip detection and only retrain. Bad configs and data raise
+  UserInputError before training starts, and nothing is written unless the run completes.
+  Rerunning on the same workdir resumes from its checkpoints; a finished run is not redone.
+  `force` continues a run whose stored config differs from `config`.
+  """
+  start = time.time()
+  mesh = check_config(config, workdir)
+  finished = finished_summary(workdir, config, force, log)
+  if finished is not None:
+    log(f'the run in {workdir} is already complete; nothing to do')
+    return finished
+  dataset = load_data(config.data)
+  noisy = inject_noise(dataset, config.noise)
+  check_against_data(config, dataset, noisy)
+  log(
+    f'{dataset.name}: {len(noisy.labels)} training examples, {dataset.num_classes} classes, '
+    f'{mesh.size} device(s); noise {config.noise.kind} at {config.noise.rate}'
   )
-  return restored['state'], restored['aul_state'], meta['epoch']
+  with (
+    make_progress(config, workdir, log) as progress,
+    checkpointing.Run(workdir, config, plan_stages(config), log=progress.log, force=force) as saved,
+  ):
+    saved.start({'labels': noisy.labels, 'is_mislabeled': noisy.is_mislabeled})
+    detection = None
+    if config.method == 'aul':
+      dynamics = train_for_dynamics(config, dataset, noisy, mesh, saved, progress)
+      detection = detect(config, dynamics, noisy, dataset.num_classes)
+    final_error = retrain_from_scratch(config, dataset, noisy, detection, mesh, saved, progress)
+  summary = write_outputs(config, workdir, dataset, noisy, detection, final_error, mesh, start)
+  log(
+    f'{config.method}: '
+    + ', '.join(
+      f'{k} {summary[k]:.4f}'
+      for k in ('noise_estimate', 'auroc', 'f1', 'test_error')
+      if isinstance(summary.get(k), float)
+    )
+    + f'; outputs in {workdir}'
+  )
+  return summary
 
 
-def _saver(checkpoint: StageCheckpoint | None, num_epochs: int):
-  """(due, save) for train.train_epochs, or None without checkpointing."""
-  if checkpoint is None:
+# ------------------------------------------------------------------------ checks and data
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str) -> jax.sharding.Mesh:
+  """Every check that needs no data, before any work; returns the mesh of the data axis."""
+  models.get_model(config.model.name, 2)  # Raises the zoo's own error listing known names.
+  retrain.check_method(config.method)
+  try:
+    detectors.check(config.detector.statistic, config.detector.rule)
+  except ValueError as error:
+    raise UserInputError(
+      f'detector.statistic={config.detector.statistic!r} with '
+      f'detector.rule={config.detector.rule!r}: {error}'
+    ) from None
+  devices = _data_devices(config.num_devices)
+  config_lib.validate(config, len(devices))
+  config_lib.check_workdir(workdir)
+  return train.make_mesh(devices)
+
+
+def _data_devices(num_devices) -> list:
+  """The devices of the data axis: all of them across processes, or the first few locally."""
+  if not (isinstance(num_devices, int) and not isinstance(num_devices, bool) and num_devices >= 0):
+    raise UserInputError(f'num_devices={num_devices!r}; expected an integer >= 0 (0: all)')
+  if num_devices in (0, jax.device_count()):
+    return jax.devices()
+  if jax.process_count() > 1:
+    raise UserInputError(
+      f'num_devices={num_devices}: a run over {jax.process_count()} processes uses all '
+      f'{jax.device_count()} devices (num_devices=0)'
+    )
+  if num_devices > jax.local_device_count():
+    raise UserInputError(
+      f'num_devices={num_devices}, but this machine has only {jax.local_device_count()} '
+      'device(s); use num_devices=0 for all of them'
+    )
+  return jax.local_devices()[:num_devices]
+
+
+def finished_summary(workdir: str, config, force: bool, log: progress_lib.Log) -> dict | None:
+  """The summary of a complete run in `workdir` made with this config, else None.
+
+  A run whose summary lists outputs that are missing is not complete: its finished stages
+  are read back and its outputs written again.
+  """
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(path):
     return None
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+    stored_config = summary['config']
+  except (OSError, ValueError, KeyError, TypeError):
+    raise UserInputError(
+      f'{path} is not the summary of an aul_jax run (damaged, or written by another tool); '
+      'use a new --workdir, or delete it to rerun'
+    ) from None
+  checkpointing.require_same_config(stored_config, config, f'the finished run in {workdir}', force)
+  missing = [n for n in summary.get('outputs', []) if not os.path.exists(os.path.join(workdir, n))]
+  if missing:
+    log(f'the finished run in {workdir} lacks {", ".join(missing)}; writing its outputs again')
+    return None
+  return None if force else summary
 
-  def save(epochs_done, state, aul_state):
-    items = {'train': {'state': state, 'aul_state': aul_state}, **checkpoint.items}
-    meta = {'stage': checkpoint.stage, 'epoch': epochs_done, **checkpoint.meta}
-    checkpoint.checkpointer.save(checkpoint.step_offset + epochs_done, items, meta)
 
-  return lambda epochs_done: checkpoint.checkpointer.due(epochs_done, num_epochs), save
+def load_data(data_config: ml_collections.ConfigDict) -> data.Dataset:
+  """The configured data set (`config.data`), checked and normalised."""
+  return data.load_dataset(
+    data_config.name,
+    path=data_config.path,
+    data_dir=data_config.data_dir,
+    test_fraction=data_config.test_fraction,
+    split_seed=data_config.split_seed,
+  )
 
 
 def inject_noise(dataset: data.Dataset, noise_config: ml_collections.ConfigDict) -> NoisyLabels:
@@ -114,31 +234,148 @@ def inject_noise(dataset: data.Dataset, noise_config: ml_collections.ConfigDict)
   return NoisyLabels(labels, dataset.y_train, is_mislabeled, noise_config.kind != 'none')
 
 
-def train_network(
-  config: ml_collections.ConfigDict,
-  recipe: ml_collections.ConfigDict,
-  dataset: data.Dataset,
-  labels_N: np.ndarray,
-  weights_N: np.ndarray,
-  mesh: jax.sharding.Mesh,
-  key: jax.Array,
-  progress: Progress,
-  *,
-  stage: str,
-  method: str = 'standard',
-  history_dtype: str | None = None,
-  truth_N: np.ndarray | None = None,
-  checkpoint: StageCheckpoint | None = None,
-  num_classes: int | None = None,
-) -> TrainedNetwork:
-  """Trains a fresh network with `recipe` (config.aul or config.retrain) and `method`,
-  resuming from and saving to `checkpoint` when given. With `truth_N`, the AUL's AUROC
-  is reported every epoch. `num_classes` overrides the data set's (threshold samples
-  train with one extra class)."""
-  num_examples = len(labels_N)
+def check_against_data(config, dataset: data.Dataset, noisy: NoisyLabels) -> None:
+  """The checks that need the data, before any training: the model takes the images, the
+  oracle knows the truth, the threshold samples fit."""
+  models.check_images(config.model.name, dataset.x_train.shape[1:], dataset.num_classes)
+  config_lib.validate_for_data(config, noisy.injected)
+  if _threshold_runs(config):
+    _threshold_sets(config, noisy, dataset.num_classes)
+
+
+def make_progress(config, workdir: str, log: progress_lib.Log) -> progress_lib.Progress:
+  """Progress of the training stages: shown and recorded by the primary process only."""
+  primary = distributed.is_primary()
+  return progress_lib.Progress(
+    log,
+    workdir=workdir if config.tensorboard and primary else None,
+    interactive=None if primary else False,
+    log_every_epochs=config.log_every_epochs,
+  )
+
+
+def plan_stages(config) -> list[tuple[str, int]]:
+  """The training stages this config runs, in order, with their epochs."""
+  stages = []
+  if config.method == 'aul':
+    stages.append(('aul', config.aul.epochs))
+    stages.extend((f'threshold{r}', config.aul.epochs) for r in range(_threshold_runs(config)))
+  if config.retrain.epochs > 0:
+    stages.append(('retrain', config.retrain.epochs))
+  return stages
+
+
+# ------------------------------------------------------------------ step 1: training dynamics
+
+
+def train_for_dynamics(config, dataset, noisy: NoisyLabels, mesh, saved, progress) -> Dynamics:
+  """Step 1: every example's AUL and other training dynamics from the AUL run, its network's
+  test error and, for the threshold rule, the AUM of the threshold-sample runs."""
+  num_examples = len(noisy.labels)
+  job = Job(
+    stage='aul',
+    recipe=config.aul,
+    labels_N=noisy.labels,
+    weights_N=np.ones(num_examples, np.float32),
+    key=jax.random.key(config.seed),
+    num_classes=dataset.num_classes,
+    history_dtype=config.aul.history_dtype if config.aul.record_history else None,
+    truth_N=noisy.truth,
+  )
+  results = _stage_results(
+    saved, job, lambda: _dynamics_results(config, job, dataset, mesh, saved, progress)
+  )
+  extra = {}
+  if _threshold_runs(config):
+    extra = _threshold_statistics(config, dataset, noisy, mesh, saved, progress)
+  return Dynamics(
+    statistics={k.removeprefix('stat_'): v for k, v in results.items() if k.startswith('stat_')},
+    history_NxT=results.get('history_NxT'),
+    test_error=_optional(results['test_error']),
+    extra=extra,
+  )
+
+
+def _stage_results(saved, job: Job, train_stage) -> dict[str, np.ndarray]:
+  """A stage's artifact: read back if the stage finished before, else trained now (and
+  saved, unless `saved` is None: benchmarks train without checkpoints)."""
+  if saved is None:
+    return train_stage()
+  results = saved.finished(job.stage)
+  return results if results is not None else saved.finish(job.stage, train_stage())
+
+
+def _dynamics_results(config, job: Job, dataset, mesh, saved, progress) -> dict:
+  """Trains `job` and returns its artifact: statistics, history and test error."""
+  network = train_network(config, job, dataset, mesh, saved, progress)
+  # A dict comprehension, not to_host: pytree maps sort the keys, and scores.csv keeps the
+  # documented order of the columns.
+  statistics = aul.statistics(network.aul_state)
+  results = {f'stat_{name}': np.asarray(value) for name, value in statistics.items()}
+  if network.aul_state.history_NxT is not None:
+    results['history_NxT'] = train.to_host(network.aul_state.history_NxT)
+  error = test_error(config, network, dataset, mesh)
+  progress.scalar(f'{job.stage}/test_error', error, job.recipe.epochs)
+  results['test_error'] = np.float64(np.nan if error is None else error)
+  return results
+
+
+def _optional(value) -> float | None:
+  """A stored float, None where it was stored as NaN (no test split)."""
+  value = float(value)
+  return None if math.isnan(value) else value
+
+
+def _threshold_runs(config) -> int:
+  """The extra threshold-sample runs of the configured detector (0 for other rules)."""
+  wanted = config.method == 'aul' and config.detector.rule in detectors.EXTRA_RUNS
+  return config.detector.threshold_runs if wanted else 0
+
+
+def _threshold_sets(config, noisy: NoisyLabels, num_classes: int) -> list:
+  try:
+    return threshold_samples.threshold_sets(
+      len(noisy.labels), num_classes, config.detector.threshold_runs, config.seed
+    )
+  except ValueError as e:
+    raise UserInputError(f'detector.threshold_runs={config.detector.threshold_runs}: {e}') from None
+
+
+def _threshold_statistics(config, dataset, noisy, mesh, saved, progress) -> dict:
+  """Pleiss et al.'s runs: in run r the examples of threshold set r are moved to an extra
+  class K; returns every run's AUM and its threshold samples, (R, N) each."""
+  num_classes, num_examples = dataset.num_classes, len(noisy.labels)
+  sets = _threshold_sets(config, noisy, num_classes)
+  aum_RxN, is_threshold_RxN = [], np.zeros((len(sets), num_examples), bool)
+  for run, indices in enumerate(sets):
+    job = Job(
+      stage=f'threshold{run}',
+      recipe=config.aul,
+      labels_N=threshold_samples.relabel(noisy.labels, indices, num_classes),
+      weights_N=np.ones(num_examples, np.float32),
+      key=jax.random.fold_in(jax.random.key(config.seed), 2 + run),
+      num_classes=num_classes + 1,
+    )
+    results = _stage_results(
+      saved, job, lambda job=job: _aum_results(config, job, dataset, mesh, saved, progress)
+    )
+    aum_RxN.append(results['aum'])
+    is_threshold_RxN[run, indices] = True
+  return {'threshold_aum': np.stack(aum_RxN), 'is_threshold': is_threshold_RxN}
+
+
+def _aum_results(config, job: Job, dataset, mesh, saved, progress) -> dict:
+  network = train_network(config, job, dataset, mesh, saved, progress)
+  return {'aum': train.to_host(aul.statistics(network.aul_state)['aum'])}
+
+
+def train_network(config, job: Job, dataset, mesh, saved, progress) -> TrainedNetwork:
+  """Trains `job`'s fresh network with its recipe and method, resuming from and saving to
+  its stage's checkpoints (none when `saved` is None)."""
+  recipe, num_examples = job.recipe, len(job.labels_N)
   model = models.get_model(
     config.model.name,
-    num_classes or dataset.num_classes,
+    job.num_classes,
     bn_axis_name=train.DATA_AXIS,
     dtype=jnp.dtype(config.model.dtype),
   )
@@ -150,53 +387,56 @@ def train_network(
     lr_drop_epochs=retrain.lr_drop_epochs(recipe.epochs, recipe.lr_drop_fractions),
     lr_drop_factor=recipe.lr_drop_factor,
   )
-  init_key, train_key = jax.random.split(key)
+  init_key, train_key = jax.random.split(job.key)
   step, state = retrain.step_and_state(
-    method,
+    job.method,
     model,
     optimizer,
     lambda k: train.create_train_state(model, optimizer, dataset.x_train.shape[1:], k),
     init_key,
-    config.retrain,
-    config.noise.rate,
+    **job.method_options,
   )
   epoch_options = {
     'num_examples': num_examples,
     'batch_size': recipe.batch_size,
     'augment_images': dataset.augment,
-    'draw_weights': retrain.draw_weights(method),
+    'draw_weights': retrain.draw_weights(job.method),
   }
-  train_data = {'label': labels_N.astype(np.int32), 'weight': np.asarray(weights_N, np.float32)}
+  train_data = {
+    'label': job.labels_N.astype(np.int32),
+    'weight': np.asarray(job.weights_N, np.float32),
+  }
   if config.data.input == 'stream':
     load_images = dataset.x_train.__getitem__
     run_epoch = train.make_streamed_train_epoch(step, mesh, load_images, **epoch_options)
   else:
     run_epoch = train.make_train_epoch(step, mesh, **epoch_options)
     train_data['image'] = dataset.x_train
-  if truth_N is not None:
-    train_data['is_mislabeled'] = np.asarray(truth_N, bool)
-  state, aul_state, start_epoch = _resume(
-    checkpoint,
-    train.replicate(state, mesh),
-    train.replicate(aul.init_aul_state(num_examples, recipe.epochs, history_dtype), mesh),
-    progress,
+  if job.truth_N is not None:
+    train_data['is_mislabeled'] = np.asarray(job.truth_N, bool)
+  state = train.replicate(state, mesh)
+  aul_state = train.replicate(
+    aul.init_aul_state(num_examples, recipe.epochs, job.history_dtype), mesh
   )
-  progress.start_stage(
-    stage, recipe.epochs, start_epoch, checkpoint.step_offset if checkpoint else 0
-  )
-  state, aul_state = train.train_epochs(
-    run_epoch,
-    state,
-    aul_state,
-    train.replicate(train_data, mesh),
-    train_key,
-    num_epochs=recipe.epochs,
-    num_examples=num_examples,
-    on_epoch=lambda epoch, metrics: progress.epoch(epoch, recipe.epochs, metrics),
-    start_epoch=start_epoch,
-    checkpoint=_saver(checkpoint, recipe.epochs),
-  )
-  progress.end_stage()
+  with saved.stage(job.stage) if saved is not None else contextlib.nullcontext() as stage:
+    start_epoch, step_offset = 0, 0
+    if stage is not None:
+      state, aul_state, start_epoch = stage.restore(state, aul_state)
+      step_offset = stage.step_offset
+    progress.start_stage(job.stage, recipe.epochs, start_epoch, step_offset)
+    state, aul_state = train.train_epochs(
+      run_epoch,
+      state,
+      aul_state,
+      train.replicate(train_data, mesh),
+      train_key,
+      num_epochs=recipe.epochs,
+      num_examples=num_examples,
+      on_epoch=lambda epoch, metrics: progress.epoch(epoch, recipe.epochs, metrics),
+      start_epoch=start_epoch,
+      checkpoint=stage,
+    )
+    progress.end_stage()
   return TrainedNetwork(model, retrain.evaluated_state(state), aul_state)
 
 
@@ -212,311 +452,85 @@ def test_error(config, network: TrainedNetwork, dataset: data.Dataset, mesh) -> 
   return 1.0 - int(evaluate(network.state, images, labels)) / num_test
 
 
-def judge(config, aul_state: aul.AULState, noisy: NoisyLabels, num_classes: int, sets, aum_RxN):
-  """Step 2: the configured detector on the run's statistics (or, for the threshold rule,
-  on the AUM `aum_RxN` of the runs with threshold-sample `sets`)."""
-  if config.detector.rule == 'threshold':
-    return detectors.threshold_verdict(aum_RxN, sets, config.detector.threshold_percentile)
-  statistics = train.to_host(aul.statistics(aul_state))
-  return detectors.detect(statistics, noisy.labels, num_classes, config.detector, config.gmm)
+# --------------------------------------------------------------------------- step 2: detector
 
 
-def _threshold_sets(config, noisy: NoisyLabels, num_classes: int) -> list:
-  try:
-    return threshold_samples.threshold_sets(
-      len(noisy.labels), num_classes, config.detector.threshold_runs, config.seed
-    )
-  except ValueError as e:
-    raise UserInputError(f'detector.threshold_runs={config.detector.threshold_runs}: {e}') from None
-
-
-def threshold_run(
-  config, dataset, noisy, run: int, indices, mesh, progress: Progress, checkpoint=None
-):
-  """Threshold-sample run `run` (Pleiss et al.): the examples at `indices` moved to an
-  extra class K; returns every example's AUM in it, on the host."""
-  k = dataset.num_classes
-  network = train_network(
-    config,
-    config.aul,
-    dataset,
-    threshold_samples.relabel(noisy.labels, indices, k),
-    np.ones(len(noisy.labels), np.float32),
-    mesh,
-    jax.random.fold_in(jax.random.key(config.seed), 2 + run),
-    progress,
-    stage=f'threshold{run}',
-    num_classes=k + 1,
-    checkpoint=checkpoint,
-  )
-  return train.to_host(aul.statistics(network.aul_state)['aum'])
-
-
-def detect(config, dataset, noisy: NoisyLabels, mesh, progress: Progress, checkpoint=None):
-  """Step 1: the AUL (and other dynamics) of every example, and its network's test error."""
-  network = train_network(
-    config,
-    config.aul,
-    dataset,
+def detect(config, dynamics: Dynamics, noisy: NoisyLabels, num_classes: int) -> Detection:
+  """Step 2: the configured detector on the dynamics, and the paper's (the AUL and one
+  mixture), which the figures show and the summary reports beside it."""
+  verdict = detectors.detect(
+    {**dynamics.statistics, **dynamics.extra},
     noisy.labels,
-    np.ones(len(noisy.labels), np.float32),
-    mesh,
-    jax.random.key(config.seed),
-    progress,
-    stage='aul',
-    history_dtype=_history_dtype(config),
-    truth_N=noisy.is_mislabeled if noisy.injected else None,
-    checkpoint=checkpoint,
+    num_classes,
+    statistic=config.detector.statistic,
+    rule=config.detector.rule,
+    threshold_percentile=config.detector.threshold_percentile,
+    mixture=config.gmm,
   )
-  error = test_error(config, network, dataset, mesh)
-  progress.scalar('aul/test_error', error, config.aul.epochs)
-  return network.aul_state, error
+  paper = detectors.global_mixture(dynamics.statistics['aul'], **config.gmm)
+  return Detection(dynamics, train.to_host(verdict), train.to_host(paper))
 
 
-def _history_dtype(config) -> str | None:
-  return config.aul.history_dtype if config.aul.record_history else None
+# ------------------------------------------------------------------------- step 3: retraining
 
 
-def _restore_finished(config, checkpointer, resume, noisy: NoisyLabels, mesh, num_runs: int):
-  """From a later stage's checkpoint: the AUL run's state and the threshold runs' AUM."""
-  n = len(noisy.labels)
-  like = {
-    'detection': train.replicate(
-      aul.init_aul_state(n, config.aul.epochs, _history_dtype(config)), mesh
-    ),
-  }
-  if num_runs:  # Saved only once a threshold run has finished.
-    like['threshold_aum'] = np.zeros((num_runs, n), np.float32)
-  restored = checkpointer.restore(resume[0], like)
-  return restored['detection'], list(train.to_host(restored.get('threshold_aum', [])))
-
-
-def retrain_network(
-  config, dataset, noisy: NoisyLabels, detection, mesh, progress: Progress, checkpoint=None
+def retrain_from_scratch(
+  config, dataset, noisy: NoisyLabels, detection: Detection | None, mesh, saved, progress
 ) -> float | None:
-  """Step 3 (or a baseline): a network trained from scratch; returns its test error."""
+  """Step 3 (or a baseline): a fresh network trained with the method's weights; returns its
+  test error (without retraining, the AUL network's)."""
+  if config.retrain.epochs == 0:
+    return detection.dynamics.test_error if detection is not None else None
   p_N = None if detection is None else detection.verdict.p_mislabeled_N
-  weights_N = retrain.example_weights(config.method, p_N, noisy.is_mislabeled)
-  progress.log(f'retraining from scratch with method {config.method!r}')
-  key = jax.random.fold_in(jax.random.key(config.seed), 1)
-  network = train_network(
-    config,
-    config.retrain,
-    dataset,
-    noisy.labels,
-    weights_N,
-    mesh,
-    key,
-    progress,
+  job = Job(
     stage='retrain',
+    recipe=config.retrain,
+    labels_N=noisy.labels,
+    weights_N=retrain.example_weights(config.method, p_N, noisy.is_mislabeled),
+    key=jax.random.fold_in(jax.random.key(config.seed), 1),
+    num_classes=dataset.num_classes,
     method=config.method,
-    checkpoint=checkpoint,
+    method_options=retrain.method_options(config.retrain, config.noise.rate),
   )
-  error = test_error(config, network, dataset, mesh)
-  progress.scalar('retrain/test_error', error, config.retrain.epochs)
-  return error
+
+  def train_stage():
+    progress.log(f'retraining from scratch with method {config.method!r}')
+    network = train_network(config, job, dataset, mesh, saved, progress)
+    error = test_error(config, network, dataset, mesh)
+    progress.scalar('retrain/test_error', error, config.retrain.epochs)
+    return {'test_error': np.float64(np.nan if error is None else error)}
+
+  return _optional(_stage_results(saved, job, train_stage)['test_error'])
 
 
-def package_versions() -> dict[str, str]:
-  return {name: importlib.metadata.version(name) for name in _VERSIONED_PACKAGES}
+# ---------------------------------------------------------------------------------- outputs
 
 
-def _detection_outputs(config, detection: Detection, noisy: NoisyLabels):
-  """scores.csv columns and summary.json fields of the detection stage."""
-  # A dict comprehension, not to_host: pytree maps sort the keys, and the columns keep
-  # the documented order.
-  statistics = {k: np.asarray(v) for k, v in aul.statistics(detection.aul_state).items()}
-  verdict = train.to_host(detection.verdict)
-  columns = report.detection_columns(
-    statistics['aul'], verdict.p_mislabeled_N, verdict.score_N, statistics
-  )
-  truth = noisy.is_mislabeled if noisy.injected else None
-  summary = report.detection_summary(verdict.noise_estimate, verdict.mixture, columns, truth)
-  summary['detector'] = {'statistic': config.detector.statistic, 'rule': config.detector.rule}
-  if config.detector.rule == 'threshold':
-    summary['detector'].update(
-      statistic='aum',
-      threshold_runs=config.detector.threshold_runs,
-      threshold_percentile=config.detector.threshold_percentile,
-    )
-  summary['aul_model_test_error'] = detection.test_error
-  return columns, summary
-
-
-def _outputs(config, dataset, noisy: NoisyLabels, detection: Detection | None, final_error):
-  """The columns of scores.csv and the contents of summary.json."""
-  scores = {'index': np.arange(len(noisy.labels)), 'label': noisy.labels}
-  summary = {
+def write_outputs(
+  config, workdir, dataset, noisy: NoisyLabels, detection, final_error, mesh, start
+) -> dict:
+  """scores.csv, summary.json, ranked_issues.csv, the history and the paper's figures."""
+  fields = {
     'method': config.method,
-    'n_train': len(noisy.labels),
     'num_classes': dataset.num_classes,
     'test_error': final_error,
   }
+  statistics = verdict = paper = history = None
   if detection is not None:
-    columns, detection_summary = _detection_outputs(config, detection, noisy)
-    scores.update(columns)
-    summary.update(detection_summary)
-  if noisy.injected:
-    scores.update({'true_label': noisy.true_labels, 'is_mislabeled': noisy.is_mislabeled})
-    summary['true_noise_rate'] = float(noisy.is_mislabeled.mean())
-  return scores, summary
-
-
-def _figures(dataset, noisy: NoisyLabels, aul_N, mixture, history_TxN) -> dict[str, bytes]:
-  """The paper's figures that apply to this run (Figs. 1, 2, 6 and 8), as PNG bytes."""
-  return figures.run_figures(
-    aul_N=aul_N,
-    mixture=mixture,
-    is_mislabeled_N=noisy.is_mislabeled if noisy.injected else None,
-    history_NxT=None if history_TxN is None else np.asarray(history_TxN, np.float32).T,
-    images_NxHxWxC=dataset.x_train,
+    statistics, verdict, paper = detection.dynamics.statistics, detection.verdict, detection.paper
+    history = detection.dynamics.history_NxT
+    fields['aul_model_test_error'] = detection.dynamics.test_error
+  scores, summary, tables = report.assemble(
+    num_examples=len(noisy.labels),
     labels_N=noisy.labels,
+    statistics=statistics,
+    verdict=verdict,
+    detector=_detector_summary(config),
+    paper=paper,
     true_labels_N=noisy.true_labels if noisy.injected else None,
+    is_mislabeled_N=noisy.truth,
+    **fields,
   )
-
-
-def _finished_summary(workdir: str, config, force: bool) -> dict | None:
-  """The summary of a finished run in `workdir` made with this config, else None."""
-  path = os.path.join(workdir, 'summary.json')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    summary = json.load(f)
-  checkpointing.require_same_config(
-    summary['config'], config, f'the finished run in {workdir}', force
-  )
-  return None if force else summary
-
-
-def _check_same_labels(checkpointer, resume, noisy: NoisyLabels) -> None:
-  """A resumed run must train on the labels it started with (the data may have changed)."""
-  if resume is None:
-    return
-  like = {'labels': noisy.labels, 'is_mislabeled': noisy.is_mislabeled}
-  stored = train.to_host(checkpointer.restore(resume[0], {'labels': like})['labels'])
-  if not all(np.array_equal(stored[k], like[k]) for k in like):
-    raise UserInputError(
-      'the training labels differ from those in the checkpoint (did the data or the noise '
-      'change?); use a new --workdir'
-    )
-
-
-def _threshold_runs(config) -> int:
-  return config.detector.threshold_runs if config.detector.rule == 'threshold' else 0
-
-
-def _detection_stages(config, dataset, noisy, mesh, checkpointer, resume, labels, progress):
-  """Steps 1-2 as checkpointed stages: the AUL run ('aul'), then any threshold-sample runs
-  ('threshold0', ...). A later stage's checkpoints carry the earlier stages' results."""
-  num_runs = _threshold_runs(config)
-  sets = _threshold_sets(config, noisy, dataset.num_classes) if num_runs else []
-  stages = ['aul'] + [f'threshold{r}' for r in range(num_runs)] + ['retrain']
-  current = stages.index(resume[1]['stage']) if resume is not None else 0
-  if current == 0:
-    aul_stage = StageCheckpoint(checkpointer, 'aul', 0, resume, labels, {})
-    aul_state, error = detect(config, dataset, noisy, mesh, progress, aul_stage)
-    threshold_aum = []
-  else:
-    done = min(current - 1, num_runs)
-    aul_state, threshold_aum = _restore_finished(config, checkpointer, resume, noisy, mesh, done)
-    error = resume[1]['aul_test_error']
-  for run in range(len(threshold_aum), num_runs):
-    items = _finished_items(labels, aul_state, threshold_aum)
-    offset = config.aul.epochs * (1 + run)
-    stage = StageCheckpoint(
-      checkpointer, f'threshold{run}', offset, resume, items, {'aul_test_error': error}
-    )
-    aum_N = threshold_run(config, dataset, noisy, run, sets[run], mesh, progress, stage)
-    threshold_aum.append(aum_N)
-  threshold_aum = np.asarray(threshold_aum, np.float32).reshape(num_runs, len(noisy.labels))
-  verdict = judge(config, aul_state, noisy, dataset.num_classes, sets, threshold_aum)
-  return Detection(aul_state, verdict, error), threshold_aum
-
-
-def _finished_items(labels, aul_state, threshold_aum) -> dict:
-  """What a checkpoint after the AUL stage carries: the labels, the AUL run's state and
-  the finished threshold runs' AUM (none before the first has finished)."""
-  items = {**labels, 'detection': aul_state}
-  if len(threshold_aum):
-    items['threshold_aum'] = np.asarray(threshold_aum, np.float32)
-  return items
-
-
-def _train_and_detect(config, dataset, noisy, mesh, checkpointer, progress: Progress):
-  """Detection (method 'aul') and retraining, resuming from the newest checkpoint."""
-  resume = checkpointer.latest()
-  _check_same_labels(checkpointer, resume, noisy)
-  labels = {'labels': {'labels': noisy.labels, 'is_mislabeled': noisy.is_mislabeled}}
-  detection = None
-  if config.method == 'aul':
-    detection, threshold_aum = _detection_stages(
-      config, dataset, noisy, mesh, checkpointer, resume, labels, progress
-    )
-  final_error = detection.test_error if detection is not None else None
-  if config.retrain.epochs > 0:
-    items, meta, offset = labels, {}, 0
-    if detection is not None:
-      items = _finished_items(labels, detection.aul_state, threshold_aum)
-      meta = {'aul_test_error': detection.test_error}
-      offset = config.aul.epochs * (1 + _threshold_runs(config))
-    stage = StageCheckpoint(checkpointer, 'retrain', offset, resume, items, meta)
-    final_error = retrain_network(config, dataset, noisy, detection, mesh, progress, stage)
-  return detection, final_error
-
-
-def _data_devices(num_devices: int) -> list:
-  """The devices of the data axis: all of them across processes, or the first few locally."""
-  if num_devices == jax.device_count():
-    return jax.devices()
-  if jax.process_count() > 1:
-    raise UserInputError(
-      f'num_devices={num_devices}: a run over {jax.process_count()} processes uses all '
-      f'{jax.device_count()} devices (num_devices=0)'
-    )
-  if num_devices > jax.local_device_count():
-    raise UserInputError(f'num_devices={num_devices}; only {jax.local_device_count()} available')
-  return jax.local_devices()[:num_devices]
-
-
-def run(
-  config: ml_collections.ConfigDict, workdir: str, log: Log = logging.info, force: bool = False
-) -> dict:
-  """Runs the configured pipeline and writes scores.csv and summary.json into `workdir`.
-
-  Method 'aul' runs detection (steps 1-2) and, if retrain.epochs > 0, the weighted retraining
-  (step 3); the baselines skip detection and only retrain. Bad configs and data raise
-  UserInputError before training starts, and nothing is written unless the run completes.
-  Rerunning on the same workdir resumes from its checkpoints; a finished run is not redone.
-  `force` continues a run whose stored config differs from `config`.
-  """
-  start = time.time()
-  num_devices = config.num_devices or jax.device_count()
-  config_lib.validate(config, num_devices)
-  config_lib.check_workdir(workdir)
-  finished = _finished_summary(workdir, config, force)
-  if finished is not None:
-    log(f'the run in {workdir} is already complete; nothing to do')
-    return finished
-  mesh = train.make_mesh(_data_devices(num_devices))
-  dataset = data.load_dataset(config.data)
-  noisy = inject_noise(dataset, config.noise)
-  config_lib.validate_for_data(config, noisy.injected)
-  if _threshold_runs(config) and config.method == 'aul':
-    _threshold_sets(config, noisy, dataset.num_classes)  # Do they fit? Fail before training.
-  log(
-    f'{dataset.name}: {len(noisy.labels)} training examples, {dataset.num_classes} classes, '
-    f'{num_devices} device(s); noise {config.noise.kind} at {config.noise.rate}'
-  )
-  primary = distributed.is_primary()
-  progress = progress_lib.Progress(
-    log,
-    workdir=workdir if config.tensorboard and primary else None,
-    interactive=None if primary else False,
-    log_every_epochs=config.log_every_epochs,
-  )
-  with progress, checkpointing.Checkpointer(workdir, config, force=force) as checkpointer:
-    detection, final_error = _train_and_detect(config, dataset, noisy, mesh, checkpointer, progress)
-  scores, summary = _outputs(config, dataset, noisy, detection, final_error)
   summary.update(
     {
       'config': config.to_dict(),
@@ -525,30 +539,32 @@ def run(
       'wall_time_s': time.time() - start,
     }
   )
-  history = None
-  if detection is not None and detection.aul_state.history_TxN is not None:
-    history = train.to_host(detection.aul_state.history_TxN)
   pictures = None
   if detection is not None:
-    # The paper's figures show the AUL and its global mixture, whichever detector ran.
-    paper = detectors.global_mixture(
-      detection.aul_state.aul_N,
-      max_iter=config.gmm.max_iter,
-      tol=config.gmm.tol,
-      n_init=config.gmm.n_init,
+    pictures = figures.run_figures(
+      aul_N=statistics['aul'],
+      mixture=paper.mixture,
+      is_mislabeled_N=noisy.truth,
+      history_NxT=history,
+      images_NxHxWxC=dataset.x_train,
+      labels_N=noisy.labels,
+      true_labels_N=noisy.true_labels if noisy.injected else None,
     )
-    mixture = train.to_host(paper.mixture)
-    pictures = _figures(dataset, noisy, scores['aul'], mixture, history)
-  extra = None if detection is None else {'ranked_issues.csv': report.ranked_issues(scores)}
-  if primary:
-    outputs.write_run_outputs(workdir, scores, summary, history, pictures, extra)
-  log(
-    f'{config.method}: '
-    + ', '.join(
-      f'{k} {summary[k]:.4f}'
-      for k in ('noise_estimate', 'auroc', 'f1', 'test_error')
-      if isinstance(summary.get(k), float)
-    )
-    + f'; outputs in {workdir}'
-  )
+  if distributed.is_primary():
+    outputs.write_run_outputs(workdir, scores, summary, history, pictures, tables)
   return summary
+
+
+def _detector_summary(config) -> dict:
+  """summary.json's 'detector': the statistic and rule, and the threshold rule's settings."""
+  detector = {'statistic': config.detector.statistic, 'rule': config.detector.rule}
+  if config.detector.rule == 'threshold':
+    detector.update(
+      threshold_runs=config.detector.threshold_runs,
+      threshold_percentile=config.detector.threshold_percentile,
+    )
+  return detector
+
+
+def package_versions() -> dict[str, str]:
+  return {name: importlib.metadata.version(name) for name in _VERSIONED_PACKAGES}

@@ -1,12 +1,19 @@
-"""What a detection reports: per-example columns, the summary, and cleanlab-style views.
+"""What a run reports: per-example columns, the summary, and cleanlab-style views.
 
-Shared by the training pipeline and by `aul_jax.score` (losses from any framework), so
-both write the same scores.csv, summary.json and ranked_issues.csv.
+`assemble` is the one output assembly, used by the training pipeline and by `aul_jax.score`
+(losses from any framework), so both write the same scores.csv, summary.json and
+ranked_issues.csv.
 """
+
+from collections.abc import Mapping
 
 import numpy as np
 
-from aul_jax import gmm, metrics
+from aul_jax import detectors, gmm, metrics
+
+# The paper's detector (Section 4.1): the AUL and one two-component mixture. Its noise
+# estimate and mixture are reported beside the configured detector's, whichever ran.
+PAPER_DETECTOR = {'statistic': 'aul', 'rule': 'gmm'}
 
 
 def detection_columns(
@@ -44,20 +51,78 @@ def detection_summary(
     'noise_estimate': float(noise_estimate),
     'n_flagged': int(columns['flagged'].sum()),
   }
-  if mixture is not None:  # The threshold-sample rule fits none.
-    summary['gmm'] = {
-      'weights': np.asarray(mixture.weights).tolist(),
-      'means': np.asarray(mixture.means).tolist(),
-      'variances': np.asarray(mixture.variances).tolist(),
-      'log_likelihood': np.asarray(mixture.log_likelihood).tolist(),
-      'n_iter': np.asarray(mixture.n_iter).tolist(),
-      'converged': np.asarray(mixture.converged).tolist(),
-    }
+  if mixture is not None:  # The sign and threshold-sample rules fit none.
+    summary['gmm'] = mixture_summary(mixture)
   if is_mislabeled_N is not None:
     truth = np.asarray(is_mislabeled_N, bool)
     summary['true_noise_rate'] = float(truth.mean())
     summary.update(metrics.detection_metrics(columns['score'], columns['flagged'], truth))
   return summary
+
+
+def mixture_summary(mixture: gmm.GaussianMixture) -> dict:
+  """A fitted mixture's parameters as summary.json lists (one row per class for per-class
+  rules), components ascending by mean."""
+  fields = ('weights', 'means', 'variances', 'log_likelihood', 'n_iter', 'converged')
+  return {name: np.asarray(getattr(mixture, name)).tolist() for name in fields}
+
+
+def paper_summary(paper: detectors.Verdict, is_mislabeled_N=None) -> dict:
+  """summary.json's 'paper' entry: the AUL mixture's noise estimate, its mixture and, with
+  the truth, how well it flags."""
+  summary = {
+    **PAPER_DETECTOR,
+    'noise_estimate': float(paper.noise_estimate),
+    'gmm': mixture_summary(paper.mixture),
+  }
+  if is_mislabeled_N is not None:
+    flagged_N = np.asarray(paper.p_mislabeled_N) > 0.5
+    truth = np.asarray(is_mislabeled_N, bool)
+    quality = metrics.detection_metrics(paper.score_N, flagged_N, truth)
+    summary.update({k: v for k, v in quality.items() if k != 'true_noise_rate'})
+  return summary
+
+
+def assemble(
+  *,
+  num_examples: int,
+  labels_N=None,
+  statistics: Mapping[str, np.ndarray] | None = None,
+  verdict: detectors.Verdict | None = None,
+  detector: dict | None = None,
+  paper: detectors.Verdict | None = None,
+  true_labels_N=None,
+  is_mislabeled_N=None,
+  **fields,
+) -> tuple[dict, dict, dict]:
+  """(scores.csv columns, summary.json, other tables) of a run or a scoring.
+
+  With a `verdict` of `detector` on `statistics` (`aul.statistics`), the columns hold the
+  statistics, the score and the verdicts, and the summary the estimate and, beside it, the
+  paper's result (`paper`: the AUL mixture). `fields` go into the summary as they are.
+  """
+  scores = {'index': np.arange(num_examples)}
+  if labels_N is not None:
+    scores['label'] = np.asarray(labels_N)
+  summary = {'n_train': num_examples, **fields}
+  tables = {}
+  if verdict is not None:
+    columns = detection_columns(
+      statistics['aul'], verdict.p_mislabeled_N, verdict.score_N, statistics
+    )
+    scores.update(columns)
+    summary.update(
+      detection_summary(verdict.noise_estimate, verdict.mixture, columns, is_mislabeled_N)
+    )
+    summary['detector'] = dict(detector)
+    summary['paper'] = paper_summary(paper, is_mislabeled_N)
+    tables['ranked_issues.csv'] = ranked_issues(scores)
+  if true_labels_N is not None:
+    scores['true_label'] = np.asarray(true_labels_N)
+  if is_mislabeled_N is not None:
+    scores['is_mislabeled'] = np.asarray(is_mislabeled_N, bool)
+    summary['true_noise_rate'] = float(np.mean(is_mislabeled_N))
+  return scores, summary, tables
 
 
 def ranked_issues(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

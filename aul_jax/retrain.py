@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from aul_jax import coteaching, losses, train
+from aul_jax.errors import UserInputError
 
 METHODS = ('aul', 'standard', 'oracle', 'random', 'reed_hard', 'coteaching')
 
@@ -40,9 +41,15 @@ def lr_drop_epochs(num_epochs: int, fractions: Sequence[float]) -> tuple[int, ..
   return tuple(int(round(f * num_epochs)) for f in fractions)
 
 
-def objective(method: str, retrain_config: ml_collections.ConfigDict) -> train.Objective:
+def check_method(method: str) -> None:
+  """Raises UserInputError unless `method` is one of METHODS."""
+  if method not in METHODS:
+    raise UserInputError(f"unknown method '{method}'; known: {', '.join(METHODS)}")
+
+
+def objective(method: str, reed_beta: float) -> train.Objective:
   if method == 'reed_hard':
-    return losses.hard_bootstrap(retrain_config.reed_beta)
+    return losses.hard_bootstrap(reed_beta)
   return losses.cross_entropy
 
 
@@ -50,10 +57,17 @@ def draw_weights(method: str) -> Callable[[jax.Array, int], jax.Array] | None:
   return rectified_normal_weights if method == 'random' else None
 
 
-def coteaching_max_forget_rate(retrain_config: ml_collections.ConfigDict, noise_rate: float):
-  """Han et al. set the forget rate to the noise rate; a config value >= 0 overrides it."""
+def method_options(retrain_config: ml_collections.ConfigDict, noise_rate: float) -> dict:
+  """`step_and_state`'s options from `config.retrain`: the forget rate of co-teaching is the
+  noise rate, as Han et al. set it, unless the config gives one (>= 0)."""
   rate = retrain_config.coteaching_forget_rate
-  return noise_rate if rate < 0 else rate
+  return {
+    'reed_beta': retrain_config.reed_beta,
+    'coteaching_forget_rate': noise_rate if rate < 0 else rate,
+    'coteaching_gradual_epochs': coteaching.gradual_epochs_for(
+      retrain_config.epochs, retrain_config.coteaching_gradual_fraction
+    ),
+  }
 
 
 def step_and_state(
@@ -62,8 +76,10 @@ def step_and_state(
   optimizer,
   init_state: Callable[[jax.Array], train.TrainState],
   key: jax.Array,
-  retrain_config: ml_collections.ConfigDict,
-  noise_rate: float,
+  *,
+  reed_beta: float = 0.8,
+  coteaching_forget_rate: float = 0.0,
+  coteaching_gradual_epochs: int = 1,
 ):
   """The StepFn and its fresh state: a pair of networks for co-teaching, else one."""
   if method == 'coteaching':
@@ -71,13 +87,11 @@ def step_and_state(
     step = coteaching.make_coteaching_step(
       model,
       optimizer,
-      max_forget_rate=coteaching_max_forget_rate(retrain_config, noise_rate),
-      gradual_epochs=coteaching.gradual_epochs_for(
-        retrain_config.epochs, retrain_config.coteaching_gradual_fraction
-      ),
+      max_forget_rate=coteaching_forget_rate,
+      gradual_epochs=coteaching_gradual_epochs,
     )
     return step, (init_state(key_a), init_state(key_b))
-  return train.make_step(model, optimizer, objective(method, retrain_config)), init_state(key)
+  return train.make_step(model, optimizer, objective(method, reed_beta)), init_state(key)
 
 
 def evaluated_state(state):

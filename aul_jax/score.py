@@ -18,12 +18,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags
 
+from aul_jax import checks, detectors, dynamics, figures, losses, outputs, report
 from aul_jax import config as config_lib
-from aul_jax import detectors, dynamics, figures, losses, outputs, report
 from aul_jax.errors import UserInputError
 
 
@@ -124,20 +123,15 @@ def load_losses(losses_path=None, logits_path=None, labels_path=None):
 
 def _load_labels(path: str, num_examples: int, num_classes: int | None) -> np.ndarray:
   labels = _load_array(path, 'labels')
-  labels = labels.reshape(-1) if labels.ndim == 2 and 1 in labels.shape else labels
-  if labels.shape != (num_examples,):
-    raise UserInputError(f'labels file {path}: shape {labels.shape}, expected ({num_examples},)')
-  if not np.issubdtype(labels.dtype, np.integer):
-    if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
-      raise UserInputError(f'labels file {path}: labels must be integers, got {labels.dtype}')
-  labels = labels.astype(np.int64)
-  top = num_classes if num_classes is not None else np.iinfo(np.int32).max
-  bad = np.flatnonzero((labels < 0) | (labels >= top))
-  if len(bad):
-    raise UserInputError(
-      f'labels file {path}: label {labels[bad[0]]} at index {bad[0]} is outside 0..{top - 1}'
-    )
-  return labels
+  labels = labels.reshape(-1) if labels.ndim == 2 and labels.shape[0] == 1 else labels
+  return checks.class_labels(
+    labels,
+    f'labels file {path}',
+    count=num_examples,
+    count_of=f'there are {num_examples} examples',
+    num_classes=num_classes,
+    integral_floats=True,
+  ).astype(np.int64)
 
 
 def load_truth(path: str, num_examples: int) -> np.ndarray:
@@ -163,54 +157,46 @@ def score(
   statistics=None,
   statistic='aul',
   rule='gmm',
-  max_iter=1000,
-  tol=1e-7,
-  n_init=10,
+  mixture=config_lib.MIXTURE,
 ):
-  """The configured detector and every output file's contents for given trajectories.
+  """The detector `statistic` + `rule` and every output file's contents for given
+  trajectories.
 
   `statistics` (from `statistics_from_logits`) holds the dynamics when logits were given;
   without them only the AUL ('aul') and the last loss ('last_loss') are known. Returns
-  (scores columns, summary, figures) ready for `outputs.write_run_outputs`.
+  (scores columns, summary, tables, figures) ready for `outputs.write_run_outputs`.
   """
   losses_NxT = np.asarray(losses_NxT, np.float64)
   aul_N = losses_NxT.sum(axis=1)
   if statistics is None:
     statistics = {'aul': aul_N, 'last_loss': losses_NxT[:, -1]}
+  num_classes = None if labels_N is None else int(np.max(labels_N)) + 1
   try:
     verdict = detectors.detect(
-      statistics,
-      labels_N,
-      None if labels_N is None else int(np.max(labels_N)) + 1,
-      ml_collections.ConfigDict({'statistic': statistic, 'rule': rule}),
-      ml_collections.ConfigDict({'max_iter': max_iter, 'tol': tol, 'n_init': n_init}),
+      statistics, labels_N, num_classes, statistic=statistic, rule=rule, mixture=mixture
     )
   except KeyError as e:
     raise UserInputError(f'statistic {statistic!r} needs --logits (it uses {e})') from None
   except ValueError as e:
     raise UserInputError(str(e)) from None
-  # The paper's figures show the AUL and its mixture, whichever detector ran.
-  mixture = detectors.global_mixture(aul_N, max_iter=max_iter, tol=tol).mixture
-  mixture = jax.tree.map(np.asarray, mixture)
-  columns = report.detection_columns(aul_N, verdict.p_mislabeled_N, verdict.score_N, statistics)
-  scores = {'index': np.arange(len(aul_N))}
-  if labels_N is not None:
-    scores['label'] = labels_N
-  scores.update(columns)
-  if is_mislabeled_N is not None:
-    scores['is_mislabeled'] = is_mislabeled_N
-  summary = {'n_train': len(aul_N), 'n_epochs': losses_NxT.shape[1]}
-  summary.update(
-    report.detection_summary(verdict.noise_estimate, verdict.mixture, columns, is_mislabeled_N)
+  paper = jax.tree.map(np.asarray, detectors.global_mixture(aul_N, **mixture))
+  scores, summary, tables = report.assemble(
+    num_examples=len(aul_N),
+    labels_N=labels_N,
+    statistics=statistics,
+    verdict=jax.tree.map(np.asarray, verdict),
+    detector={'statistic': statistic, 'rule': rule},
+    paper=paper,
+    is_mislabeled_N=is_mislabeled_N,
+    n_epochs=losses_NxT.shape[1],
   )
-  summary['detector'] = {'statistic': statistic, 'rule': rule}
   pictures = figures.run_figures(
     aul_N=aul_N,
-    mixture=mixture,
+    mixture=paper.mixture,
     is_mislabeled_N=is_mislabeled_N,
     history_NxT=np.asarray(losses_NxT, np.float32),
   )
-  return scores, summary, pictures
+  return scores, summary, tables, pictures
 
 
 def score_files(
@@ -234,7 +220,7 @@ def score_files(
   if rule == 'class_gmm' and labels_N is None:
     raise UserInputError('rule class_gmm fits one mixture per given label: give --labels')
   truth_N = None if truth is None else load_truth(truth, len(losses_NxT))
-  scores, summary, pictures = score(
+  scores, summary, tables, pictures = score(
     losses_NxT,
     labels_N=labels_N,
     is_mislabeled_N=truth_N,
@@ -243,9 +229,7 @@ def score_files(
     rule=rule,
   )
   summary['inputs'] = {'losses': losses, 'logits': logits, 'labels': labels, 'truth': truth}
-  outputs.write_run_outputs(
-    workdir, scores, summary, None, pictures, {'ranked_issues.csv': report.ranked_issues(scores)}
-  )
+  outputs.write_run_outputs(workdir, scores, summary, None, pictures, tables)
   return summary
 
 

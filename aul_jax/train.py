@@ -21,7 +21,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from aul_jax import augment, aul, dynamics, losses, metrics
+from aul_jax import augment, aul, checkpointing, dynamics, losses, metrics
+from aul_jax.errors import DivergedError
 
 DATA_AXIS = 'data'
 
@@ -439,10 +440,6 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(np.asarray, tree)
 
 
-class DivergedError(FloatingPointError):
-  """The training loss became NaN or infinite."""
-
-
 def _epoch_metrics(epoch: int, stats: dict, num_examples: int, started: float) -> dict:
   """Host copies of an epoch's metrics; raises DivergedError on a non-finite loss.
 
@@ -476,14 +473,14 @@ def train_epochs(
   num_examples: int,
   on_epoch: Callable[[int, dict[str, float]], None],
   start_epoch: int = 0,
-  checkpoint: tuple[Callable[[int], bool], Callable[..., None]] | None = None,
+  checkpoint: checkpointing.Stage | None = None,
 ) -> tuple[TrainState, aul.AULState]:
   """Runs epochs start_epoch..num_epochs-1 and reports each as on_epoch(epoch, metrics).
 
-  Metrics are read one epoch late so the device never idles. `checkpoint = (due, save)`:
-  after e epochs, if due(e), the epoch's metrics are checked first (so a diverged state is
-  never saved) and save(e, state, aul_state) is called. Raises DivergedError naming the
-  epoch and step of the first non-finite loss.
+  Metrics are read one epoch late so the device never idles. After e epochs, if
+  `checkpoint.due(e)`, the epoch's metrics are checked first (so a diverged state is never
+  saved) and the stage is saved. Raises DivergedError naming the epoch and step of the first
+  non-finite loss.
   """
 
   arrived = [0.0]  # When the previous epoch's metrics arrived.
@@ -502,10 +499,10 @@ def train_epochs(
     if pending is not None:
       report(pending)
     pending = (epoch, stats, started)
-    if checkpoint is not None and checkpoint[0](epoch + 1):
+    if checkpoint is not None and checkpoint.due(epoch + 1):
       report(pending)
       pending = None
-      checkpoint[1](epoch + 1, state, aul_state)
+      checkpoint.save(epoch + 1, state, aul_state)
   if pending is not None:
     jax.block_until_ready(aul_state)
     report(pending)

@@ -147,23 +147,25 @@ class Mode:
     return stats
 
 
-def add_epoch_dus(state: aul.AULState, epoch_NxQ: jax.Array, epoch: jax.Array) -> aul.AULState:
-  """aul.add_epoch with the history row written by lax.dynamic_update_slice (see the docs)."""
+def add_epoch_rows(state: tuple, epoch_NxQ: jax.Array, epoch: jax.Array) -> tuple:
+  """aul.add_epoch's AUL and history, the history kept as (T, N) and written by rows: the
+  layout the library had before it kept (N, T), one row per example, everywhere."""
+  aul_N, history_TxN = state
   epoch_loss_N = epoch_NxQ[:, 0]
-  history = state.history_TxN
-  if history is not None:
-    row_1xN = epoch_loss_N.astype(history.dtype)[None]
-    history = jax.lax.dynamic_update_slice(history, row_1xN, (epoch, jnp.zeros_like(epoch)))
-  return aul.AULState(aul_N=state.aul_N + epoch_loss_N, history_TxN=history)
+  row_1xN = epoch_loss_N.astype(history_TxN.dtype)[None]
+  history_TxN = jax.lax.dynamic_update_slice(history_TxN, row_1xN, (epoch, jnp.zeros_like(epoch)))
+  return aul_N + epoch_loss_N, history_TxN
 
 
 def time_history_update(num_examples: int, num_epochs: int, repeats: int) -> dict[str, Any]:
-  """The per-epoch fold into the AUL state alone: aul.add_epoch against add_epoch_dus."""
+  """The per-epoch fold into the AUL state alone: aul.add_epoch ((N, T) history, a column
+  per epoch) against add_epoch_rows ((T, N), a row per epoch)."""
   out = {}
   loss_N = jnp.linspace(0.0, 3.0, num_examples, dtype=jnp.float32)[:, None]
   for dtype in ('float32', 'bfloat16'):
-    for name, fn in (('library', aul.add_epoch), ('dus', add_epoch_dus)):
-      state = aul.init_aul_state(num_examples, num_epochs, dtype, dynamics=False)
+    library = aul.init_aul_state(num_examples, num_epochs, dtype, dynamics=False)
+    rows = (jnp.zeros(num_examples), jnp.zeros((num_epochs, num_examples), jnp.dtype(dtype)))
+    for name, fn, state in (('library', aul.add_epoch, library), ('rows', add_epoch_rows, rows)):
       compiled = jax.jit(fn, donate_argnums=(0,)).lower(state, loss_N, jnp.int32(0)).compile()
       box = {'state': state, 'epoch': 0}
 
@@ -194,7 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--num-examples', type=int, default=100_000)
   parser.add_argument('--image-shape', default='8x8x1', help='HxWxC, e.g. 8x8x1 or 32x32x3')
   parser.add_argument('--batch-size', type=int, default=128)
-  parser.add_argument('--history-epochs', type=int, default=150, help='T of the (T, N) history')
+  parser.add_argument('--history-epochs', type=int, default=150, help='T of the (N, T) history')
   parser.add_argument('--repeats', type=int, default=7, help='timed epochs per mode (median)')
   parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--num-devices', type=int, default=1)
@@ -228,7 +230,7 @@ def main(argv=None) -> dict[str, Any]:
   common.print_table(['mode', 'epoch s', 'overhead', 'AUL state bytes', 'peak MiB'], rows)
 
   update = time_history_update(n, t, repeats=max(5, 3 * args.repeats))
-  print('Folding one epoch into the AUL state (T x N history):')
+  print('Folding one epoch into the AUL state (N x T history, against T x N rows):')
   common.print_table(
     ['history, update', 'ms', 'temp bytes'],
     [[name, v['ms'], v['temp_bytes']] for name, v in update.items()],

@@ -32,12 +32,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
-import ml_collections
 import numpy as np
 from sklearn import mixture as sk_mixture
 from sklearn import model_selection
 
-from aul_jax import aul, data, detectors, metrics, pipeline, threshold_samples, train
+from aul_jax import aul, detectors, metrics, pipeline, train
 from aul_jax import progress as progress_lib
 from benchmarks import common
 
@@ -52,7 +51,7 @@ SETTINGS = (
 )
 STATISTICS = (*detectors.SCORES, 'aum,confidence')
 PEERS = ('aum_ts', 'cleanlab', 'dividemix')
-CACHE_VERSION = 2  # Bump when what `collect` computes changes.
+CACHE_VERSION = 3  # Bump when what `collect` computes changes.
 
 
 def load_config(path: str):
@@ -66,19 +65,17 @@ def _quiet() -> progress_lib.Progress:
   return progress_lib.Progress(lambda message: None, workdir=None, interactive=False)
 
 
-def _train(config, dataset, labels, key, *, num_classes=None):
-  return pipeline.train_network(
-    config,
-    config.aul,
-    dataset,
-    labels,
-    np.ones(len(labels), np.float32),
-    train.make_mesh(jax.devices()[:1]),
-    key,
-    _quiet(),
+def _train(config, dataset, labels, key):
+  job = pipeline.Job(
     stage='aul',
-    num_classes=num_classes,
+    recipe=config.aul,
+    labels_N=labels,
+    weights_N=np.ones(len(labels), np.float32),
+    key=key,
+    num_classes=dataset.num_classes,
   )
+  mesh = train.make_mesh(jax.devices()[:1])
+  return pipeline.train_network(config, job, dataset, mesh, None, _quiet())
 
 
 def cross_validated_probs(config, dataset, labels, folds: int, seed: int) -> np.ndarray:
@@ -103,7 +100,7 @@ def collect(config, kind: str, rate: float, seed: int, args) -> dict[str, np.nda
   """One setting's noisy labels, our statistics, threshold-sample AUMs and CV probabilities."""
   config = config.copy_and_resolve_references()
   config.noise.kind, config.noise.rate, config.noise.seed, config.seed = kind, rate, seed, seed
-  dataset = data.load_dataset(config.data)
+  dataset = pipeline.load_data(config.data)
   noisy = pipeline.inject_noise(dataset, config.noise)
   k = dataset.num_classes
   record = {'labels': noisy.labels, 'is_mislabeled': noisy.is_mislabeled, 'num_classes': k}
@@ -111,13 +108,10 @@ def collect(config, kind: str, rate: float, seed: int, args) -> dict[str, np.nda
   statistics = train.to_host(aul.statistics(network.aul_state))
   record.update({f'stat_{name}': v for name, v in statistics.items()})
   # The threshold-sample runs exactly as the pipeline's detector.rule='threshold' runs them.
-  config.detector.threshold_runs = args.threshold_runs
+  config.detector.rule, config.detector.threshold_runs = 'threshold', args.threshold_runs
   mesh = train.make_mesh(jax.devices()[:1])
-  sets = threshold_samples.threshold_sets(len(noisy.labels), k, args.threshold_runs, seed)
-  for r, indices in enumerate(sets):
-    record[f'threshold_set_{r}'] = indices
-    aum_N = pipeline.threshold_run(config, dataset, noisy, r, indices, mesh, _quiet())
-    record[f'threshold_aum_{r}'] = aum_N
+  extra = pipeline._threshold_statistics(config, dataset, noisy, mesh, None, _quiet())
+  record.update(extra)
   if args.cv_folds:
     record['cv_probs'] = cross_validated_probs(config, dataset, noisy.labels, args.cv_folds, seed)
   return record
@@ -146,24 +140,18 @@ def cached_collect(config, kind, rate, seed, args) -> dict[str, np.ndarray]:
 # Detectors: record -> (score_N, flagged_N, noise_estimate).
 
 
-def ours(statistic: str, rule: str, gmm_config):
+def ours(statistic: str, rule: str, mixture):
   """The library's detector, exactly as the pipeline runs it (`detectors.detect`)."""
-  detector_config = ml_collections.ConfigDict({'statistic': statistic, 'rule': rule})
 
   def detect(record, num_classes):
     stats = {k.removeprefix('stat_'): v for k, v in record.items() if k.startswith('stat_')}
-    verdict = detectors.detect(stats, record['labels'], num_classes, detector_config, gmm_config)
+    stats.update(threshold_aum=record['threshold_aum'], is_threshold=record['is_threshold'])
+    verdict = detectors.detect(
+      stats, record['labels'], num_classes, statistic=statistic, rule=rule, mixture=mixture
+    )
     return verdict.score_N, verdict.p_mislabeled_N > 0.5, verdict.noise_estimate
 
   return detect
-
-
-def aum_threshold_samples(record, num_classes):
-  """As the pipeline's detector.rule='threshold' judges, at the 99th percentile."""
-  runs = sorted(k for k in record if k.startswith('threshold_aum_'))
-  sets = [record[k.replace('aum', 'set')] for k in runs]
-  verdict = detectors.threshold_verdict(np.stack([record[k] for k in runs]), sets, 99.0)
-  return verdict.score_N, verdict.p_mislabeled_N > 0.5, verdict.noise_estimate
 
 
 def cleanlab_detector(record, num_classes):
@@ -191,9 +179,9 @@ def all_detectors(config, with_cleanlab: bool) -> dict:
     f'{s}+{r}': ours(s, r, config.gmm)
     for s in STATISTICS
     for r in detectors.RULES
-    if r != 'sign' or s in detectors.SIGNED
+    if r not in ('sign', 'threshold') or s in detectors.SIGNED
   }
-  found['aum_ts'] = aum_threshold_samples
+  found['aum_ts'] = found.pop('aum+threshold')  # The peer, Pleiss et al.'s threshold samples.
   if with_cleanlab:
     found['cleanlab'] = cleanlab_detector
   found['dividemix'] = dividemix

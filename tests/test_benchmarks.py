@@ -104,9 +104,9 @@ def test_aul_overhead_quick():
   assert peak['no_aul'] < peak['aul_only'] < peak['aul'] < peak['aul_history_bfloat16']
   assert peak['aul_history_bfloat16'] < peak['aul_history_float32']
   update = record['history_update']
-  assert set(update) == {f'{d}_{f}' for d in ('float32', 'bfloat16') for f in ('library', 'dus')}
+  assert set(update) == {f'{d}_{f}' for d in ('float32', 'bfloat16') for f in ('library', 'rows')}
   assert all(positive(v['ms']) for v in update.values())
-  assert update['bfloat16_dus']['temp_bytes'] == 0
+  assert update['bfloat16_library']['temp_bytes'] == 0  # The history's column is set in place.
 
 
 def test_epoch_dispatch_quick():

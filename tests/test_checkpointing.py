@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from aul_jax import checkpointing, pipeline
-from aul_jax.errors import UserInputError
+from aul_jax import pipeline
+from aul_jax.errors import DivergedError, Preempted, UserInputError
 from tests.test_pipeline import ROOT, load_config
 
 
@@ -55,7 +55,7 @@ def uninterrupted(tmp_path_factory):
 )
 def test_stopped_and_resumed_run_is_identical(stop_after, occurrence, uninterrupted, tmp_path):
   summary, files = uninterrupted
-  with pytest.raises(checkpointing.Preempted, match='rerun the same command'):
+  with pytest.raises(Preempted, match='rerun the same command'):
     pipeline.run(_config(), str(tmp_path), log=_stop_at(stop_after, occurrence))
   assert not (tmp_path / 'scores.csv').exists()
   resumed_log = []
@@ -69,7 +69,7 @@ def test_stopped_and_resumed_run_is_identical(stop_after, occurrence, uninterrup
 def test_baseline_resumes_identically(tmp_path):
   config = _config('standard')
   reference = pipeline.run(config, str(tmp_path / 'a'), log=lambda _: None)
-  with pytest.raises(checkpointing.Preempted):
+  with pytest.raises(Preempted):
     pipeline.run(config, str(tmp_path / 'b'), log=_stop_at('retrain epoch 1/'))
   resumed = pipeline.run(config, str(tmp_path / 'b'), log=lambda _: None)
   assert resumed['test_error'] == reference['test_error']
@@ -77,7 +77,7 @@ def test_baseline_resumes_identically(tmp_path):
 
 
 def test_config_mismatch_is_refused_with_the_differing_fields(tmp_path):
-  with pytest.raises(checkpointing.Preempted):
+  with pytest.raises(Preempted):
     pipeline.run(_config(), str(tmp_path), log=_stop_at('aul epoch 1/'))
   changed = _config()
   changed.aul.learning_rate = 0.05
@@ -90,7 +90,7 @@ def test_config_mismatch_is_refused_with_the_differing_fields(tmp_path):
 
 
 def test_force_continues_with_the_new_config(tmp_path):
-  with pytest.raises(checkpointing.Preempted):
+  with pytest.raises(Preempted):
     pipeline.run(_config(), str(tmp_path), log=_stop_at('aul epoch 1/'))
   changed = _config()
   changed.eval_batch_size = 60
@@ -112,7 +112,7 @@ def test_finished_run_is_not_redone(tmp_path):
 
 
 def test_changed_labels_are_refused(tmp_path):
-  with pytest.raises(checkpointing.Preempted):
+  with pytest.raises(Preempted):
     pipeline.run(_config(), str(tmp_path), log=_stop_at('aul epoch 1/'))
   changed = _config()
   changed.data.split_seed = 1  # Other examples in the training split: other labels.
@@ -139,10 +139,10 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   config.aul.epochs = 8
   config.checkpoint.every_epochs = 1
   config.checkpoint.max_to_keep = 20
-  with pytest.raises(pipeline.train.DivergedError, match=r'epoch 5, step 0'):
+  with pytest.raises(DivergedError, match=r'epoch 5, step 0'):
     pipeline.run(config, str(tmp_path), log=lambda _: None)
   assert not (tmp_path / 'scores.csv').exists()
-  steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
+  steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints/aul') if s.isdigit())
   assert steps == [1, 2, 3, 4]  # The diverged epoch is never saved; the good ones are kept.
 
 
@@ -169,7 +169,7 @@ def test_sigterm_from_outside_saves_and_exits_nonzero(tmp_path):
   assert result.returncode == 75, result.stderr[-2000:]
   assert 'rerun the same command to resume' in result.stderr
   assert 'Traceback' not in result.stderr
-  assert os.listdir(tmp_path / 'checkpoints') and not (tmp_path / 'scores.csv').exists()
+  assert os.listdir(tmp_path / 'checkpoints/aul') and not (tmp_path / 'scores.csv').exists()
 
 
 def _threshold_config():
@@ -204,7 +204,7 @@ def test_threshold_rule_trains_its_runs_and_judges_by_them(uninterrupted_thresho
 @pytest.mark.parametrize('stop_after', ['threshold0 epoch 3/', 'threshold1 epoch 1/'])
 def test_threshold_runs_resume_identically(stop_after, uninterrupted_threshold, tmp_path):
   summary, files, _ = uninterrupted_threshold
-  with pytest.raises(checkpointing.Preempted):
+  with pytest.raises(Preempted):
     pipeline.run(_threshold_config(), str(tmp_path), log=_stop_at(stop_after))
   resumed_log = []
   resumed = pipeline.run(_threshold_config(), str(tmp_path), log=resumed_log.append)

@@ -6,14 +6,14 @@ import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 from sklearn import model_selection
 
+from aul_jax import config as config_lib
 from aul_jax import data
 from aul_jax.errors import UserInputError
 
 
 def _config(**overrides):
-  config = data.default_data_config()
-  config.update(overrides)
-  return config
+  """The fields of `config.data` that `data.load_dataset` takes, with overrides."""
+  return {'name': 'digits', **overrides}
 
 
 def _assert_normalised(ds: data.Dataset) -> None:
@@ -26,18 +26,14 @@ def _assert_normalised(ds: data.Dataset) -> None:
 # Digits.
 
 
-def test_default_data_config_fields():
-  assert dict(data.default_data_config()) == {
-    'name': 'digits',
-    'path': '',
-    'data_dir': '',
-    'test_fraction': 0.2,
-    'split_seed': 0,
-  }
+def test_the_data_config_fields_are_load_datasets_arguments():
+  fields = dict(config_lib.base_config().data)
+  assert fields.pop('input') == 'device'
+  assert data.load_dataset(**fields).name == 'digits'
 
 
 def test_digits_shapes_dtypes_and_counts():
-  ds = data.load_dataset(_config())
+  ds = data.load_dataset(**_config())
   assert ds.x_train.shape[1:] == (8, 8, 1) and ds.x_test.shape[1:] == (8, 8, 1)
   assert len(ds.x_train) + len(ds.x_test) == 1797
   assert len(ds.x_test) == 360  # ceil(0.2 * 1797), sklearn's rounding.
@@ -49,7 +45,7 @@ def test_digits_shapes_dtypes_and_counts():
 
 
 def test_digits_split_is_stratified():
-  ds = data.load_dataset(_config())
+  ds = data.load_dataset(**_config())
   all_counts = np.bincount(sk_datasets.load_digits().target)
   expected_test = all_counts * len(ds.y_test) / all_counts.sum()
   assert np.all(np.abs(np.bincount(ds.y_test, minlength=10) - expected_test) <= 1)
@@ -57,7 +53,7 @@ def test_digits_split_is_stratified():
 
 def test_digits_order_follows_sorted_source_indices():
   digits = sk_datasets.load_digits()
-  ds = data.load_dataset(_config(split_seed=3))
+  ds = data.load_dataset(**_config(split_seed=3))
   train_idx, _ = model_selection.train_test_split(
     np.arange(1797), test_size=0.2, random_state=3, stratify=digits.target
   )
@@ -68,9 +64,9 @@ def test_digits_order_follows_sorted_source_indices():
 
 
 def test_digits_is_stable_for_a_seed_and_changes_with_it():
-  first = data.load_dataset(_config(split_seed=1))
-  again = data.load_dataset(_config(split_seed=1))
-  other = data.load_dataset(_config(split_seed=2))
+  first = data.load_dataset(**_config(split_seed=1))
+  again = data.load_dataset(**_config(split_seed=1))
+  other = data.load_dataset(**_config(split_seed=2))
   np.testing.assert_array_equal(first.x_train, again.x_train)
   np.testing.assert_array_equal(first.y_test, again.y_test)
   assert not np.array_equal(first.y_train, other.y_train)
@@ -79,12 +75,12 @@ def test_digits_is_stable_for_a_seed_and_changes_with_it():
 @pytest.mark.parametrize('fraction', [0.0, 1.0, 1.5, -0.2])
 def test_digits_rejects_test_fraction_outside_unit_interval(fraction):
   with pytest.raises(UserInputError, match=f'data.test_fraction {fraction}'):
-    data.load_dataset(_config(test_fraction=fraction))
+    data.load_dataset(**_config(test_fraction=fraction))
 
 
 def test_digits_rejects_test_split_smaller_than_class_count():
   with pytest.raises(UserInputError, match='data.test_fraction 0.001'):
-    data.load_dataset(_config(test_fraction=0.001))
+    data.load_dataset(**_config(test_fraction=0.001))
 
 
 # User .npz files.
@@ -110,7 +106,7 @@ def _valid_arrays(**overrides):
 
 def test_npz_round_trip_grey_uint8_with_test_split(tmp_path):
   arrays = _valid_arrays()
-  ds = data.load_dataset(_config(name='npz', path=_save(tmp_path, **arrays)))
+  ds = data.load_dataset(**_config(name='npz', path=_save(tmp_path, **arrays)))
   assert ds.x_train.shape == (6, 8, 8, 1) and ds.x_test.shape == (3, 8, 8, 1)
   assert ds.num_classes == 3 and not ds.augment and ds.name == 'npz'
   np.testing.assert_array_equal(ds.y_train, arrays['y_train'])
@@ -123,7 +119,7 @@ def test_npz_round_trip_grey_uint8_with_test_split(tmp_path):
 def test_npz_round_trip_colour_float_without_test_split(tmp_path):
   x = np.random.default_rng(1).normal(5.0, 2.0, (4, 32, 32, 3))
   path = _save(tmp_path, x_train=x, y_train=np.array([0, 1, 1, 3], np.uint8))
-  ds = data.load_dataset(_config(name='npz', path=path))
+  ds = data.load_dataset(**_config(name='npz', path=path))
   assert ds.x_train.shape == (4, 32, 32, 3) and ds.x_test.shape == (0, 32, 32, 3)
   assert ds.y_test.shape == (0,) and ds.y_test.dtype == np.int32
   assert ds.num_classes == 4 and ds.augment
@@ -134,19 +130,19 @@ def test_npz_round_trip_colour_float_without_test_split(tmp_path):
 
 def test_npz_accepts_keras_column_labels(tmp_path):
   path = _save(tmp_path, **_valid_arrays(y_train=np.array([[0], [1], [2], [0], [1], [2]])))
-  ds = data.load_dataset(_config(name='npz', path=path))
+  ds = data.load_dataset(**_config(name='npz', path=path))
   np.testing.assert_array_equal(ds.y_train, [0, 1, 2, 0, 1, 2])
 
 
 def test_npz_constant_channel_does_not_divide_by_zero(tmp_path):
   path = _save(tmp_path, **_valid_arrays(x_train=np.zeros((6, 8, 8), np.uint8)))
-  ds = data.load_dataset(_config(name='npz', path=path))
+  ds = data.load_dataset(**_config(name='npz', path=path))
   assert np.all(np.isfinite(ds.x_train)) and np.all(np.isfinite(ds.x_test))
 
 
 def test_npz_requires_a_path():
   with pytest.raises(UserInputError, match="data.path is required for data.name='npz'"):
-    data.load_dataset(_config(name='npz'))
+    data.load_dataset(**_config(name='npz'))
 
 
 _NAN_IMAGES = np.zeros((6, 8, 8), np.float32)
@@ -213,7 +209,7 @@ def test_npz_rejects_bad_arrays(tmp_path, case):
   overrides, expected = _BAD_ARRAYS[case]
   path = _save(tmp_path, **_valid_arrays(**overrides))
   with pytest.raises(UserInputError) as info:
-    data.load_dataset(_config(name='npz', path=path))
+    data.load_dataset(**_config(name='npz', path=path))
   message = str(info.value)
   assert f'data file {path}' in message
   for part in expected:
@@ -237,7 +233,7 @@ def _write_bytes(tmp_path, name, payload):
 def test_npz_rejects_unreadable_files(tmp_path, make, expected):
   path = make(tmp_path)
   with pytest.raises(UserInputError) as info:
-    data.load_dataset(_config(name='npz', path=path))
+    data.load_dataset(**_config(name='npz', path=path))
   assert f'data file {path}' in str(info.value) and expected in str(info.value)
 
 
@@ -245,7 +241,7 @@ def test_npz_rejects_a_single_npy_array(tmp_path):
   path = tmp_path / 'x.npy'
   np.save(path, np.zeros((6, 8, 8)))
   with pytest.raises(UserInputError, match='single array'):
-    data.load_dataset(_config(name='npz', path=str(path)))
+    data.load_dataset(**_config(name='npz', path=str(path)))
 
 
 # TFDS (mocked: nothing is read from disk or the network).
@@ -256,7 +252,7 @@ def test_npz_rejects_a_single_npy_array(tmp_path):
 )
 def test_tfds_mocked_shapes(name, shape, augment):
   with tfds.testing.mock_data(num_examples=6):
-    ds = data.load_dataset(_config(name=name))
+    ds = data.load_dataset(**_config(name=name))
   assert ds.x_train.shape == (6, *shape) and ds.x_test.shape == (6, *shape)
   assert ds.y_train.shape == (6,) and ds.y_train.dtype == np.int32
   assert ds.num_classes == 10 and ds.augment is augment and ds.name == name
@@ -299,7 +295,7 @@ def test_tfds_cifar_keeps_the_first_45000_training_examples():
   requested = []
   fake = _fake_as_data_source({'train': 45_007, 'test': 7}, requested)
   with tfds.testing.mock_data(as_data_source_fn=fake):
-    ds = data.load_dataset(_config(name='cifar10'))
+    ds = data.load_dataset(**_config(name='cifar10'))
   assert requested == ['train[:45000]', 'test']
   np.testing.assert_array_equal(ds.y_train, np.arange(45_000) % 10)
   np.testing.assert_array_equal(ds.y_test, np.arange(7) % 10)
@@ -310,7 +306,7 @@ def test_tfds_other_data_sets_use_whole_train_and_test():
   requested = []
   fake = _fake_as_data_source({'train': 12, 'test': 5}, requested)
   with tfds.testing.mock_data(as_data_source_fn=fake):
-    ds = data.load_dataset(_config(name='fashion_mnist'))
+    ds = data.load_dataset(**_config(name='fashion_mnist'))
   assert requested == ['train', 'test']
   assert len(ds.y_train) == 12 and len(ds.y_test) == 5
 
@@ -319,13 +315,13 @@ def test_tfds_missing_split_is_a_user_error():
   fake = _fake_as_data_source({'train': 12}, [])
   with tfds.testing.mock_data(as_data_source_fn=fake):
     with pytest.raises(UserInputError, match="cannot open split 'test'"):
-      data.load_dataset(_config(name='mnist'))
+      data.load_dataset(**_config(name='mnist'))
 
 
 @pytest.mark.parametrize('name,hint', [('nonexistent_xyz', ''), ('cifar', "'cifar10'")])
 def test_tfds_unknown_name_lists_builtin_names(name, hint):
   with pytest.raises(UserInputError) as info:
-    data.load_dataset(_config(name=name))
+    data.load_dataset(**_config(name=name))
   message = str(info.value)
   assert repr(name) in message and "'digits'" in message and "'npz'" in message
   assert hint in message
@@ -333,7 +329,7 @@ def test_tfds_unknown_name_lists_builtin_names(name, hint):
 
 def test_tfds_unprepared_data_set_says_how_to_prepare(tmp_path):
   with pytest.raises(UserInputError) as info:
-    data.load_dataset(_config(name='mnist', data_dir=str(tmp_path)))
+    data.load_dataset(**_config(name='mnist', data_dir=str(tmp_path)))
   message = str(info.value)
   assert 'not prepared' in message and str(tmp_path) in message
   assert 'tfds build mnist --file_format=array_record' in message

@@ -1,6 +1,5 @@
 """Detectors: statistic -> score, global and per-class mixtures, threshold samples."""
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -59,16 +58,17 @@ def test_per_class_mixture_ignores_other_classes_entirely():
   np.testing.assert_allclose(other.p_mislabeled_N[keep], base.p_mislabeled_N[keep], atol=1e-5)
 
 
-def test_detect_reads_the_config():
+def test_detect_takes_plain_arguments():
   score, labels, truth, k = _class_dependent_scores()
   stats = {'aul': score, 'aum': -score, 'confidence': -score, 'last_loss': score}
-  config = ml_collections.ConfigDict({'statistic': 'aum', 'rule': 'class_gmm'})
-  gmm_config = ml_collections.ConfigDict({'max_iter': 500, 'tol': 1e-7, 'n_init': 1})
-  verdict = detectors.detect(stats, labels, k, config, gmm_config)
+  mixture = {'max_iter': 500, 'tol': 1e-7, 'n_init': 1}
+  verdict = detectors.detect(stats, labels, k, statistic='aum', rule='class_gmm', mixture=mixture)
   np.testing.assert_allclose(verdict.score_N, score)
   assert abs(verdict.noise_estimate - truth.mean()) < 0.02
   with pytest.raises(ValueError, match="unknown rule 'kde'"):
-    detectors.run_rule('kde', score, labels, k)
+    detectors.detect(stats, labels, k, statistic='aum', rule='kde')
+  with pytest.raises(ValueError, match='needs the labels'):
+    detectors.detect(stats, statistic='aum', rule='class_gmm')
 
 
 def test_threshold_sets_are_disjoint_and_of_size_n_over_k_plus_1():
@@ -107,6 +107,14 @@ def test_judge_flags_below_the_threshold_samples_percentile():
   assert margin[i] == pytest.approx(expected)
   with pytest.raises(ValueError, match='2 runs of AUM but 1 threshold sets'):
     threshold_samples.judge(np.stack(aum), sets[:1])
+  # The rule 'threshold' is the same verdict, from the runs' statistics.
+  is_threshold = np.zeros((2, n), bool)
+  for r, indices in enumerate(sets):
+    is_threshold[r, indices] = True
+  stats = {'threshold_aum': np.stack(aum), 'is_threshold': is_threshold}
+  verdict = detectors.detect(stats, statistic='aum', rule='threshold')
+  np.testing.assert_array_equal(verdict.p_mislabeled_N > 0.5, flagged)
+  np.testing.assert_allclose(verdict.score_N, -margin)
 
 
 def test_several_statistics_are_fit_jointly_and_standardised():
@@ -139,13 +147,7 @@ def test_statistic_names_are_checked():
 
 def test_sign_rule_flags_negative_margins_and_estimates_their_fraction():
   aum = np.array([2.0, -0.5, 0.1, -3.0, 0.0])
-  verdict = detectors.detect(
-    {'aum': aum},
-    np.zeros(5, int),
-    2,
-    ml_collections.ConfigDict({'statistic': 'aum', 'rule': 'sign'}),
-    ml_collections.ConfigDict({'max_iter': 10, 'tol': 1e-3, 'n_init': 1}),
-  )
+  verdict = detectors.detect({'aum': aum}, statistic='aum', rule='sign')
   np.testing.assert_array_equal(verdict.p_mislabeled_N, [0, 1, 0, 1, 0])  # A tie is clean.
   np.testing.assert_array_equal(verdict.score_N, -aum)
   assert verdict.noise_estimate == pytest.approx(0.4) and verdict.mixture is None
@@ -155,7 +157,8 @@ def test_rule_and_statistic_must_go_together():
   detectors.check('aum', 'sign')
   detectors.check('aul,aum', 'class_gmm')
   for statistic in ('aul', 'confidence', 'aum,confidence'):
-    with pytest.raises(ValueError, match='rule sign needs a margin statistic'):
-      detectors.check(statistic, 'sign')
+    for rule in ('sign', 'threshold'):
+      with pytest.raises(ValueError, match=f'rule {rule} needs a margin statistic'):
+        detectors.check(statistic, rule)
   with pytest.raises(ValueError, match="unknown rule 'kde'"):
     detectors.check('aum', 'kde')

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from aul_jax import checkpointing, grid, outputs
-from aul_jax.errors import UserInputError
+from aul_jax import outputs
+from aul_jax.errors import Preempted, UserInputError
+from experiments import grid
 from tests.test_pipeline import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -305,9 +306,9 @@ def test_a_failed_run_does_not_stop_the_grid(tmp_path):
 
 def test_a_signal_stops_the_grid(tmp_path):
   def preempted(config, workdir, log):
-    raise checkpointing.Preempted('stopped by a signal')
+    raise Preempted('stopped by a signal')
 
-  with pytest.raises(checkpointing.Preempted):
+  with pytest.raises(Preempted):
     _table(_tiny_config(), tmp_path, run_fn=preempted)
   assert not os.path.exists(tmp_path / 'results')
 
@@ -330,7 +331,7 @@ def test_cli_reports_a_bad_flag_without_a_traceback(tmp_path):
     [
       sys.executable,
       '-m',
-      'aul_jax.grid',
+      'experiments.grid',
       'table',
       '--config=configs/digits.py',
       f'--grid_dir={grid_dir}',

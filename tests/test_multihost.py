@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from aul_jax import distributed
-from tests.test_pipeline import ROOT, load_config
+from tests.test_pipeline import ROOT
 
 ARGS = ['--config=configs/digits.py', '--config.aul.epochs=3', '--config.retrain.epochs=2']
 
@@ -66,12 +66,9 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_distribution_is_detected_from_the_environment():
-  config = load_config('digits').distributed
-  assert not distributed.wanted(config, environ={})
-  assert distributed.wanted(config, environ={'SLURM_NTASKS': '4'})
-  assert not distributed.wanted(config, environ={'SLURM_NTASKS': '1'})
-  assert distributed.wanted(config, environ={'TPU_WORKER_HOSTNAMES': 'a,b'})
-  config.auto_detect = False
-  assert not distributed.wanted(config, environ={'SLURM_NTASKS': '4'})
-  config.coordinator_address = 'host:1234'
-  assert distributed.wanted(config, environ={})
+  assert not distributed.wanted('', True, environ={})
+  assert distributed.wanted('', True, environ={'SLURM_NTASKS': '4'})
+  assert not distributed.wanted('', True, environ={'SLURM_NTASKS': '1'})
+  assert distributed.wanted('', True, environ={'TPU_WORKER_HOSTNAMES': 'a,b'})
+  assert not distributed.wanted('', False, environ={'SLURM_NTASKS': '4'})
+  assert distributed.wanted('host:1234', False, environ={})

@@ -26,13 +26,27 @@ def test_summary_json_writes_nan_as_null(tmp_path):
     str(tmp_path), {'index': np.arange(2)}, {'auroc': float('nan'), 'x': np.float32(1.5)}
   )
   with open(tmp_path / 'summary.json') as f:
-    assert json.load(f) == {'auroc': None, 'x': 1.5}
+    assert json.load(f) == {'auroc': None, 'x': 1.5, 'outputs': ['scores.csv']}
 
 
 def test_history_is_written_examples_by_epochs(tmp_path):
-  history_TxN = np.arange(6, dtype=np.float32).reshape(2, 3)
-  outputs.write_run_outputs(str(tmp_path), {'index': np.arange(3)}, {}, history_TxN)
-  np.testing.assert_array_equal(np.load(tmp_path / 'aul_history.npy'), history_TxN.T)
+  history_NxT = np.arange(6, dtype=np.float32).reshape(3, 2)
+  outputs.write_run_outputs(str(tmp_path), {'index': np.arange(3)}, {}, history_NxT)
+  np.testing.assert_array_equal(np.load(tmp_path / 'aul_history.npy'), history_NxT)
+
+
+def test_summary_is_renamed_last_and_lists_the_outputs(tmp_path, monkeypatch):
+  renamed = []
+  replace = os.replace
+  monkeypatch.setattr(
+    os, 'replace', lambda a, b: (renamed.append(os.path.basename(b)), replace(a, b))
+  )
+  history_NxT = np.zeros((3, 2), np.float32)
+  figures = {'a.png': b'png'}
+  outputs.write_run_outputs(str(tmp_path), {'index': np.arange(3)}, {}, history_NxT, figures)
+  assert renamed[-1] == 'summary.json' and len(renamed) == 4
+  with open(tmp_path / 'summary.json') as f:
+    assert json.load(f)['outputs'] == ['a.png', 'aul_history.npy', 'scores.csv']
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path):

@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-from aul_jax import config as config_lib
 from aul_jax import pipeline
 from aul_jax.errors import UserInputError
 
@@ -156,21 +155,28 @@ GOLDEN = [5.38001156, 4.06242800, 6.37699986, 3.71345186, 5.55872822]
     ('detector.statistic', 'entropy', "detector.statistic='entropy'"),
     ('detector.rule', 'kde', "detector.rule='kde'"),
     ('detector.statistic', 'aul', 'rule sign needs a margin statistic'),
+    ('aul.weight_decay', float('nan'), 'aul.weight_decay=nan'),
+    ('retrain.momentum', 1.5, 'retrain.momentum=1.5'),
+    ('gmm.n_init', 0, 'gmm.n_init=0'),
+    ('num_devices', 5, 'only 4 device'),
     ('detector.threshold_runs', 1, 'detector.threshold_runs=1'),
     ('detector.threshold_percentile', 0, 'detector.threshold_percentile=0'),
   ],
 )
-def test_bad_config_fields_are_named(field, value, message):
+def test_bad_config_fields_are_named(field, value, message, tmp_path):
   config = load_config('digits')
   section, _, key = field.rpartition('.')
   (config[section] if section else config)[key] = value
   with pytest.raises(UserInputError, match=message):
-    config_lib.validate(config, num_devices=4)
+    pipeline.check_config(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
 
 
-def test_every_shipped_config_is_valid():
+def test_every_shipped_config_is_valid(tmp_path):
   for name in ('digits', 'mnist_lenet', 'cifar10_resnet32', 'cifar100_resnet32', 'npz'):
-    config_lib.validate(load_config(name), num_devices=1)
+    config = load_config(name)
+    config.num_devices = 1
+    pipeline.check_config(config, str(tmp_path))
 
 
 def test_four_devices_run_the_pipeline(tmp_path):

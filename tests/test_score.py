@@ -27,8 +27,10 @@ def _trajectories(num_examples=400, num_epochs=8, seed=0):
 
 def test_score_finds_the_slow_learners():
   losses, truth = _trajectories()
-  scores, summary, pictures = score.score(losses, is_mislabeled_N=truth)
+  scores, summary, tables, pictures = score.score(losses, is_mislabeled_N=truth)
   np.testing.assert_allclose(scores['aul'], losses.sum(1))
+  assert set(tables) == {'ranked_issues.csv'}
+  assert summary['paper']['noise_estimate'] == summary['noise_estimate']  # The same detector.
   assert summary['auroc'] > 0.99 and summary['f1'] > 0.95
   assert summary['noise_estimate'] == pytest.approx(truth.mean(), abs=0.05)
   np.testing.assert_array_equal(scores['label_issue'], scores['p_mislabeled'] > 0.5)
@@ -157,7 +159,9 @@ def test_bad_loss_files_are_named(case, tmp_path):
 def test_bad_labels_and_truth_are_named(tmp_path):
   np.save(tmp_path / 'logits.npy', np.zeros((2, 3, 4), np.float32))
   np.save(tmp_path / 'labels.npy', np.array([0, 4, 1]))
-  with pytest.raises(UserInputError, match=re.escape('label 4 at index 1 is outside 0..3')):
+  with pytest.raises(
+    UserInputError, match=re.escape('label 4 at index 1, out of range; expected 0..3')
+  ):
     score.score_files(
       str(tmp_path / 'out'),
       logits=str(tmp_path / 'logits.npy'),

@@ -8,6 +8,7 @@ import pytest
 
 from aul_jax import augment, aul, losses
 from aul_jax import train as train_lib
+from aul_jax.errors import DivergedError
 
 NUM_EXAMPLES = 203  # Not a multiple of the batch: the last batch of each epoch is partial.
 BATCH = 64
@@ -94,22 +95,22 @@ def test_one_and_four_devices_give_the_same_aul(augment_images):
 
 def test_history_rows_sum_to_the_aul():
   _, aul_state = _run(1, TinyNet(), _data(), epochs=3)
-  history = np.asarray(aul_state.history_TxN)
-  assert history.shape == (3, NUM_EXAMPLES)
-  np.testing.assert_allclose(history.sum(0), np.asarray(aul_state.aul_N), rtol=1e-5)
+  history = np.asarray(aul_state.history_NxT)
+  assert history.shape == (NUM_EXAMPLES, 3)
+  np.testing.assert_allclose(history.sum(1), np.asarray(aul_state.aul_N), rtol=1e-5)
   assert (history > 0).all()
 
 
 def test_training_lowers_the_loss():
   _, aul_state = _run(1, TinyNet(), _data(), epochs=8)
-  history = np.asarray(aul_state.history_TxN)
-  assert history[-1].mean() < 0.7 * history[0].mean()
+  history = np.asarray(aul_state.history_NxT)
+  assert history[:, -1].mean() < 0.7 * history[:, 0].mean()
 
 
 def test_nonfinite_loss_raises_with_epoch_and_step():
   data = _data()
   data['image'][150] = np.nan
-  with pytest.raises(train_lib.DivergedError, match=r'epoch 1, step \d'):
+  with pytest.raises(DivergedError, match=r'epoch 1, step \d'):
     _run(1, TinyNet(use_batch_norm=False), data, epochs=1)
 
 

@@ -57,6 +57,24 @@ def get_model(
   return MODELS[name](num_classes=num_classes, bn_axis_name=bn_axis_name, dtype=dtype, **kwargs)
 
 
+def check_images(name: str, image_shape: tuple[int, ...], num_classes: int) -> None:
+  """Raises UserInputError unless model `name` takes (H, W, C) images of `image_shape`.
+
+  Traces the model's initialisation on abstract values (no parameters are made), so a
+  model that cannot take the data fails before training, not after.
+  """
+  model = get_model(name, num_classes)
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  try:
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  except Exception as error:  # noqa: BLE001 - a flax or lax shape error of any kind.
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise UserInputError(
+      f"model '{name}' cannot take images of shape {tuple(image_shape)} ({message}); pick a "
+      'model for this image size (mlp and lenet take any size, resnets 8x8 or larger)'
+    ) from None
+
+
 def count_params(variables: Mapping[str, Any]) -> int:
   """Number of trainable parameters: the 'params' collection only, not 'batch_stats'."""
   return sum(int(leaf.size) for leaf in jax.tree.leaves(variables['params']))

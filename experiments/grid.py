@@ -1,6 +1,6 @@
 """Experiment grids: the paper's Table 1 and Figures 5 and 7 as many resumable pipeline runs.
 
-  python -m aul_jax.grid table --config configs/digits.py --grid_dir DIR \
+  python -m experiments.grid table --config configs/digits.py --grid_dir DIR \
     --config.retrain.epochs=40 --methods=aul,standard --noise=uniform:0.4 --trials=3
 
 Modes: `table` (test error of methods x noise settings x trials, Table 1), `detection`
@@ -23,18 +23,17 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from ml_collections import config_flags
 from scipy import stats
 
-from aul_jax import checkpointing, models, noise, outputs, pipeline, retrain
+from aul_jax import checkpointing, figures, models, noise, outputs, pipeline, retrain
 from aul_jax import config as config_lib
-from aul_jax.errors import UserInputError
+from aul_jax.errors import Preempted, UserInputError
+from aul_jax.progress import Log
 
 MODES = ('table', 'detection', 'consistency')
 TABLE_NOISE = ('uniform:0.2', 'uniform:0.4', 'uniform:0.6', 'uniform:0.8', 'pair_flip:0.4')
@@ -51,7 +50,6 @@ _MODE_FLAGS = {
   'consistency': ('models', 'seeds'),
 }
 
-Log = Callable[[str], None]
 RunFn = Callable[..., dict]  # pipeline.run's signature: (config, workdir, log=...) -> summary.
 
 
@@ -258,7 +256,7 @@ def _execute(run: Run, config, grid_dir: str, run_fn: RunFn, log: Log) -> dict:
   result = {'run': run.name, 'overrides': dict(run.overrides), 'config': config.to_dict()}
   try:
     summary = run_fn(config, os.path.join(grid_dir, 'runs', run.name), log=log)
-  except (UserInputError, checkpointing.Preempted):
+  except (UserInputError, Preempted):
     raise  # Bad config or data fails every run alike; a signal stops the whole grid.
   except Exception as e:  # A diverged or crashed run must not stop the grid.
     logging.exception('run %s failed', run.name)
@@ -280,11 +278,10 @@ def run_grid(
   starts. A result is written as soon as its run ends, so an interrupted grid resumes.
   """
   config_lib.check_workdir(grid_dir)
-  num_devices = base.num_devices or jax.local_device_count()
   configs = [run_config(base, run) for run in runs]
   previous = []
   for run, config in zip(runs, configs, strict=True):
-    config_lib.validate(config, num_devices)
+    pipeline.check_config(config, os.path.join(grid_dir, 'runs', run.name))
     previous.append(load_result(grid_dir, run))
     _check_resumable(previous[-1], config, _result_path(grid_dir, run))
   results = []
@@ -415,13 +412,6 @@ def detection_markdown(rows: Sequence[dict]) -> str:
   return caption + markdown_table(header, body)
 
 
-def _png(fig: Figure) -> bytes:
-  FigureCanvasAgg(fig)
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=100)
-  return buffer.getvalue()
-
-
 def detection_figure(rows: Sequence[dict]) -> bytes:
   """Figure 7's content: estimated noise, precision and recall against the true noise rate."""
   fig = Figure(figsize=(15, 4.5), layout='constrained')
@@ -448,7 +438,7 @@ def detection_figure(rows: Sequence[dict]) -> bytes:
   axes[2].set_title('Recall of mislabeled examples')
   for ax in axes:
     ax.legend(fontsize=9)
-  return _png(fig)
+  return figures.png(fig)
 
 
 def detection_files(results, settings) -> dict[str, str | bytes]:
@@ -524,7 +514,7 @@ def consistency_figure(names: Sequence[str], matrices: Mapping[str, np.ndarray])
         j, i, f'{value:.2f}', ha='center', va='center', fontsize=8, color='w' if dark else 'k'
       )
     fig.colorbar(image, ax=ax, shrink=0.8)
-  return _png(fig)
+  return figures.png(fig)
 
 
 def consistency_files(names: Sequence[str], aul_RxN: np.ndarray) -> dict[str, str | bytes]:
@@ -629,7 +619,7 @@ def main(argv: list[str]) -> int:
   except UserInputError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  except checkpointing.Preempted as e:
+  except Preempted as e:
     print(f'{e}; finished runs are kept', file=sys.stderr)
     return 75  # EX_TEMPFAIL, as launch.py: try again later.
   print(files.get(f'{mode}.md', 'fewer than two finished runs: no correlations\n'))
