@@ -23,17 +23,28 @@ class AULState:
 
 
 def init_aul_state(
-  num_examples: int, num_epochs: int, history_dtype: str | None, *, dynamics: bool = True
+  num_examples: int,
+  num_epochs: int,
+  history_dtype: str | None,
+  *,
+  dynamics: bool = True,
+  trials: int = 0,
 ) -> AULState:
   """Zero accumulator; an (N, T) history of `history_dtype` when one is given, else none;
-  the other training dynamics unless `dynamics=False` (then only losses are scattered)."""
+  the other training dynamics unless `dynamics=False` (then only losses are scattered).
+  With `trials` = R > 0 every array has a leading R axis."""
+  lead = (trials,) if trials else ()
+
+  def zeros(shape, dtype=jnp.float32):  # Every field its own buffer, so it can be donated.
+    return jnp.zeros(lead + shape, dtype)
+
   history = None
   if history_dtype is not None:
-    history = jnp.zeros((num_examples, num_epochs), jnp.dtype(history_dtype))
+    history = zeros((num_examples, num_epochs), jnp.dtype(history_dtype))
   return AULState(
-    aul_N=jnp.zeros((num_examples,), jnp.float32),
+    aul_N=zeros((num_examples,)),
     history_NxT=history,
-    dynamics=dynamics_lib.init_dynamics(num_examples) if dynamics else None,
+    dynamics=dynamics_lib.init_dynamics(num_examples, lead) if dynamics else None,
   )
 
 

@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
   """Every field a run reads, with the paper's CIFAR recipe as defaults (Sections 3 and 5)."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # Initialisation, shuffling and augmentation; the noise has its own seed.
+  # Networks per training stage, trained side by side in one compiled program (trial r with
+  # seed + r, on the same noisy labels); the detector reads the mean of their statistics.
+  config.trials = 1
   config.method = 'aul'  # Or a baseline: standard, oracle, random, reed_hard, coteaching.
   # 'digits' (scikit-learn's, split by test_fraction and split_seed), 'npz' (data.path) or
   # a TFDS name (prepared in data.data_dir).
@@ -107,6 +110,10 @@ def _is_finite_number(value) -> bool:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises UserInputError naming the first bad field and value of `config`."""
+  _require(
+    checks.is_int(config.trials) and config.trials >= 1,
+    f'trials={config.trials!r}; expected an integer >= 1',
+  )
   rate = config.noise.rate
   _require(
     checks.is_number(rate) and 0 <= rate < 1, f'noise.rate={rate!r}; expected a number in [0, 1)'

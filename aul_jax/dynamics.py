@@ -50,11 +50,12 @@ class Dynamics:
   num_epochs: jax.Array  # () int32: epochs folded in.
 
 
-def init_dynamics(num_examples: int) -> Dynamics:
-  """Zeros; every field its own buffer, so the state can be donated."""
+def init_dynamics(num_examples: int, lead: tuple[int, ...] = ()) -> Dynamics:
+  """Zeros, with leading dimensions `lead` (the trials); every field its own buffer, so the
+  state can be donated."""
 
   def zeros():
-    return jnp.zeros((num_examples,), jnp.float32)
+    return jnp.zeros(lead + (num_examples,), jnp.float32)
 
   return Dynamics(
     margin_sum_N=zeros(),
@@ -64,7 +65,7 @@ def init_dynamics(num_examples: int) -> Dynamics:
     forgetting_N=zeros(),
     last_correct_N=zeros(),
     last_loss_N=zeros(),
-    num_epochs=jnp.zeros((), jnp.int32),
+    num_epochs=jnp.zeros(lead, jnp.int32),
   )
 
 

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sklearn import metrics as sk_metrics
 
 
 def detection_metrics(
@@ -16,17 +15,27 @@ def detection_metrics(
   precision = true_positives / max(int(flagged.sum()), 1)
   recall = true_positives / max(int(truth.sum()), 1)
   f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-  # AUROC is undefined when every example is clean (or every one mislabeled).
-  auroc = float('nan')
-  if 0 < truth.sum() < truth.size:
-    auroc = float(sk_metrics.roc_auc_score(truth, np.asarray(score_N, np.float64)))
   return {
     'true_noise_rate': float(truth.mean()),
-    'auroc': auroc,
+    'auroc': auroc(score_N, truth),
     'precision': float(precision),
     'recall': float(recall),
     'f1': float(f1),
   }
+
+
+def auroc(score_N: np.ndarray, truth_N: np.ndarray) -> float:
+  """AUROC of `score_N` for the boolean `truth_N`; NaN with only one class. Equals sklearn's
+  roc_auc_score: for each mislabeled example it counts the clean ones scored lower (ties
+  count half), the Mann-Whitney statistic, several times faster at N = 50,000."""
+  score_N, truth_N = np.asarray(score_N, np.float64), np.asarray(truth_N, bool)
+  positive, negative = score_N[truth_N], np.sort(score_N[~truth_N])
+  if positive.size == 0 or negative.size == 0:
+    return float('nan')
+  below = np.searchsorted(negative, positive, side='left')
+  below_or_tied = np.searchsorted(negative, positive, side='right')
+  twice_wins = 2 * int(below.sum()) + int((below_or_tied - below).sum())
+  return twice_wins / (2 * positive.size * negative.size)
 
 
 def auroc_on_device(score_N: jax.Array, truth_N: jax.Array) -> jax.Array:

@@ -86,6 +86,7 @@ def write_files(workdir: str, contents: Mapping[str, str | bytes], last: str | N
   with contextlib.ExitStack() as stack:
     staged = {}
     for name, content in contents.items():
+      os.makedirs(os.path.dirname(os.path.join(workdir, name)), exist_ok=True)
       path = stack.enter_context(_temporary_file(workdir))
       mode = 'wb' if isinstance(content, bytes) else 'w'
       with open(path, mode) as f:
@@ -103,13 +104,16 @@ def write_run_outputs(
   history_NxT: np.ndarray | None = None,
   figures: Mapping[str, bytes] | None = None,
   tables: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+  arrays: Mapping[str, np.ndarray] | None = None,
 ) -> None:
-  """One run's files: scores.csv, aul_history.npy (N, T), PNGs, other CSVs, and last
-  summary.json, which lists them under 'outputs'."""
+  """One run's files: scores.csv, aul_history.npy (N, T), PNGs, other CSVs and .npy arrays
+  (names may have a folder, as 'trials/...'), and last summary.json, which lists them under
+  'outputs'."""
   contents: dict[str, str | bytes] = {
     'scores.csv': scores_csv(scores),
     **(figures or {}),
     **{name: scores_csv(columns) for name, columns in (tables or {}).items()},
+    **{name: _npy_bytes(np.asarray(array)) for name, array in (arrays or {}).items()},
   }
   if history_NxT is not None:
     contents['aul_history.npy'] = _npy_bytes(np.asarray(history_NxT, np.float32))

@@ -60,12 +60,19 @@ class NoisyLabels:
 
 @dataclasses.dataclass(frozen=True)
 class Dynamics:
-  """Step 1's artifact: what the detection networks measured of every example."""
+  """Step 1's artifact: what the detection networks measured of every example.
+
+  With R trials (config.trials) every (N,) statistic is the mean over the trials, each
+  trial's own is in `trial_statistics`, (R, N); with one, `trial_statistics` is None.
+  """
 
   statistics: dict[str, np.ndarray]  # `aul.statistics` of the AUL run, (N,) float32 each.
   history_NxT: np.ndarray | None  # The AUL run's per-epoch losses, if recorded.
-  test_error: float | None  # Of the network trained for the AUL.
+  test_error: float | None  # Of the network trained for the AUL (mean over trials).
   extra: dict[str, np.ndarray]  # The threshold runs' (R, N) 'threshold_aum', 'is_threshold'.
+  trial_statistics: dict[str, np.ndarray] | None = None
+  trial_history_RxNxT: np.ndarray | None = None
+  trial_test_errors: list[float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +86,11 @@ class Detection:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  """A network to train from scratch: on which labels and weights, with which recipe."""
+  """Networks to train from scratch: on which labels and weights, with which recipe.
+
+  One network for a single key; R trials, in one program, for an (R,) array of keys. The
+  labels and weights are (N,), shared by the trials, or (R, N), one row per trial.
+  """
 
   stage: str  # The checkpointed stage, also the progress label: 'aul', 'retrain', ...
   recipe: ml_collections.ConfigDict  # config.aul or config.retrain.
@@ -92,12 +103,18 @@ class Job:
   history_dtype: str | None = None  # Record the per-epoch losses in this dtype.
   truth_N: np.ndarray | None = None  # With the truth, the AUL's AUROC is logged per epoch.
 
+  @property
+  def trials(self) -> int:
+    """R, or 0 for a single network without a trial axis."""
+    return self.key.shape[0] if self.key.ndim else 0
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainedNetwork:
   model: Any
-  state: Any  # A TrainState, or a pair of them for co-teaching.
+  state: Any  # A TrainState, or a pair of them for co-teaching; (R, ...) leaves with trials.
   aul_state: aul.AULState  # On the device.
+  trials: int  # R, or 0 without a trial axis.
 
 
 def run(
@@ -259,7 +276,8 @@ def plan_stages(config) -> list[tuple[str, int]]:
   stages = []
   if config.method == 'aul':
     stages.append(('aul', config.aul.epochs))
-    stages.extend((f'threshold{r}', config.aul.epochs) for r in range(_threshold_runs(config)))
+    if _threshold_runs(config):
+      stages.append(('threshold', config.aul.epochs))
   if config.retrain.epochs > 0:
     stages.append(('retrain', config.retrain.epochs))
   return stages
@@ -269,15 +287,16 @@ def plan_stages(config) -> list[tuple[str, int]]:
 
 
 def train_for_dynamics(config, dataset, noisy: NoisyLabels, mesh, saved, progress) -> Dynamics:
-  """Step 1: every example's AUL and other training dynamics from the AUL run, its network's
-  test error and, for the threshold rule, the AUM of the threshold-sample runs."""
+  """Step 1: every example's AUL and other training dynamics from the AUL run (the mean over
+  config.trials networks), its test error and, for the threshold rule, the AUM of the
+  threshold-sample runs."""
   num_examples = len(noisy.labels)
   job = Job(
     stage='aul',
     recipe=config.aul,
     labels_N=noisy.labels,
     weights_N=np.ones(num_examples, np.float32),
-    key=jax.random.key(config.seed),
+    key=trial_keys(config.seed, config.trials),
     num_classes=dataset.num_classes,
     history_dtype=config.aul.history_dtype if config.aul.record_history else None,
     truth_N=noisy.truth,
@@ -288,12 +307,27 @@ def train_for_dynamics(config, dataset, noisy: NoisyLabels, mesh, saved, progres
   extra = {}
   if _threshold_runs(config):
     extra = _threshold_statistics(config, dataset, noisy, mesh, saved, progress)
+  statistics = {k.removeprefix('stat_'): v for k, v in results.items() if k.startswith('stat_')}
+  history, errors = results.get('history_NxT'), results['test_error']
+  if not job.trials:
+    return Dynamics(statistics, history, _optional(errors), extra)
   return Dynamics(
-    statistics={k.removeprefix('stat_'): v for k, v in results.items() if k.startswith('stat_')},
-    history_NxT=results.get('history_NxT'),
-    test_error=_optional(results['test_error']),
+    statistics={name: value.mean(axis=0) for name, value in statistics.items()},
+    history_NxT=None if history is None else history.mean(axis=0),
+    test_error=_optional(np.mean(errors)),
     extra=extra,
+    trial_statistics=statistics,
+    trial_history_RxNxT=history,
+    trial_test_errors=[_optional(e) for e in errors],
   )
+
+
+def trial_keys(seed: int, trials: int) -> jax.Array:
+  """The key of one network (trials == 1), or of each trial: trial r trains with seed + r,
+  so trial 0 is the run of one network and trial r that of `seed + r`."""
+  if trials == 1:
+    return jax.random.key(seed)
+  return jnp.stack([jax.random.key(seed + r) for r in range(trials)])
 
 
 def _stage_results(saved, job: Job, train_stage) -> dict[str, np.ndarray]:
@@ -310,14 +344,18 @@ def _dynamics_results(config, job: Job, dataset, mesh, saved, progress) -> dict:
   network = train_network(config, job, dataset, mesh, saved, progress)
   # A dict comprehension, not to_host: pytree maps sort the keys, and scores.csv keeps the
   # documented order of the columns.
-  statistics = aul.statistics(network.aul_state)
+  statistics = train.over_trials(aul.statistics, network.trials)(network.aul_state)
   results = {f'stat_{name}': np.asarray(value) for name, value in statistics.items()}
   if network.aul_state.history_NxT is not None:
     results['history_NxT'] = train.to_host(network.aul_state.history_NxT)
-  error = test_error(config, network, dataset, mesh)
-  progress.scalar(f'{job.stage}/test_error', error, job.recipe.epochs)
-  results['test_error'] = np.float64(np.nan if error is None else error)
+  errors = test_errors(config, network, dataset, mesh)
+  progress.scalar(f'{job.stage}/test_error', _mean_or_none(errors), job.recipe.epochs)
+  results['test_error'] = errors
   return results
+
+
+def _mean_or_none(errors: np.ndarray) -> float | None:
+  return _optional(np.mean(errors))
 
 
 def _optional(value) -> float | None:
@@ -342,37 +380,39 @@ def _threshold_sets(config, noisy: NoisyLabels, num_classes: int) -> list:
 
 
 def _threshold_statistics(config, dataset, noisy, mesh, saved, progress) -> dict:
-  """Pleiss et al.'s runs: in run r the examples of threshold set r are moved to an extra
-  class K; returns every run's AUM and its threshold samples, (R, N) each."""
+  """Pleiss et al.'s runs, as the trials of one program: in trial r the examples of
+  threshold set r are moved to an extra class K. Returns every trial's AUM and threshold
+  samples, (R, N) each."""
   num_classes, num_examples = dataset.num_classes, len(noisy.labels)
   sets = _threshold_sets(config, noisy, num_classes)
-  aum_RxN, is_threshold_RxN = [], np.zeros((len(sets), num_examples), bool)
+  is_threshold_RxN = np.zeros((len(sets), num_examples), bool)
   for run, indices in enumerate(sets):
-    job = Job(
-      stage=f'threshold{run}',
-      recipe=config.aul,
-      labels_N=threshold_samples.relabel(noisy.labels, indices, num_classes),
-      weights_N=np.ones(num_examples, np.float32),
-      key=jax.random.fold_in(jax.random.key(config.seed), 2 + run),
-      num_classes=num_classes + 1,
-    )
-    results = _stage_results(
-      saved, job, lambda job=job: _aum_results(config, job, dataset, mesh, saved, progress)
-    )
-    aum_RxN.append(results['aum'])
     is_threshold_RxN[run, indices] = True
-  return {'threshold_aum': np.stack(aum_RxN), 'is_threshold': is_threshold_RxN}
+  base = jax.random.key(config.seed)
+  job = Job(
+    stage='threshold',
+    recipe=config.aul,
+    labels_N=np.where(is_threshold_RxN, num_classes, noisy.labels[None]).astype(np.int32),
+    weights_N=np.ones(num_examples, np.float32),
+    key=jnp.stack([jax.random.fold_in(base, 2 + run) for run in range(len(sets))]),
+    num_classes=num_classes + 1,
+  )
+  results = _stage_results(
+    saved, job, lambda: _aum_results(config, job, dataset, mesh, saved, progress)
+  )
+  return {'threshold_aum': results['aum'], 'is_threshold': is_threshold_RxN}
 
 
 def _aum_results(config, job: Job, dataset, mesh, saved, progress) -> dict:
   network = train_network(config, job, dataset, mesh, saved, progress)
-  return {'aum': train.to_host(aul.statistics(network.aul_state)['aum'])}
+  statistics = train.over_trials(aul.statistics, network.trials)(network.aul_state)
+  return {'aum': np.asarray(statistics['aum'])}
 
 
 def train_network(config, job: Job, dataset, mesh, saved, progress) -> TrainedNetwork:
   """Trains `job`'s fresh network with its recipe and method, resuming from and saving to
   its stage's checkpoints (none when `saved` is None)."""
-  recipe, num_examples = job.recipe, len(job.labels_N)
+  recipe, num_examples, trials = job.recipe, job.labels_N.shape[-1], job.trials
   model = models.get_model(
     config.model.name,
     job.num_classes,
@@ -387,24 +427,27 @@ def train_network(config, job: Job, dataset, mesh, saved, progress) -> TrainedNe
     lr_drop_epochs=retrain.lr_drop_epochs(recipe.epochs, recipe.lr_drop_fractions),
     lr_drop_factor=recipe.lr_drop_factor,
   )
-  init_key, train_key = jax.random.split(job.key)
-  step, state = retrain.step_and_state(
+  keys = train.over_trials(jax.random.split, trials)(job.key)
+  init_key, train_key = keys[..., 0], keys[..., 1]
+  step, init_state = retrain.step_and_init(
     job.method,
     model,
     optimizer,
     lambda k: train.create_train_state(model, optimizer, dataset.x_train.shape[1:], k),
-    init_key,
     **job.method_options,
   )
+  state = train.over_trials(init_state, trials)(init_key)
+  train_data = {
+    'label': job.labels_N.astype(np.int32),
+    'weight': np.asarray(job.weights_N, np.float32),
+  }
   epoch_options = {
     'num_examples': num_examples,
     'batch_size': recipe.batch_size,
     'augment_images': dataset.augment,
     'draw_weights': retrain.draw_weights(job.method),
-  }
-  train_data = {
-    'label': job.labels_N.astype(np.int32),
-    'weight': np.asarray(job.weights_N, np.float32),
+    'trials': trials,
+    'trial_fields': tuple(name for name, value in train_data.items() if value.ndim == 2),
   }
   if config.data.input == 'stream':
     load_images = dataset.x_train.__getitem__
@@ -415,9 +458,8 @@ def train_network(config, job: Job, dataset, mesh, saved, progress) -> TrainedNe
   if job.truth_N is not None:
     train_data['is_mislabeled'] = np.asarray(job.truth_N, bool)
   state = train.replicate(state, mesh)
-  aul_state = train.replicate(
-    aul.init_aul_state(num_examples, recipe.epochs, job.history_dtype), mesh
-  )
+  aul_state = aul.init_aul_state(num_examples, recipe.epochs, job.history_dtype, trials=trials)
+  aul_state = train.replicate(aul_state, mesh)
   with saved.stage(job.stage) if saved is not None else contextlib.nullcontext() as stage:
     start_epoch, step_offset = 0, 0
     if stage is not None:
@@ -437,19 +479,24 @@ def train_network(config, job: Job, dataset, mesh, saved, progress) -> TrainedNe
       checkpoint=stage,
     )
     progress.end_stage()
-  return TrainedNetwork(model, retrain.evaluated_state(state), aul_state)
+  return TrainedNetwork(model, retrain.evaluated_state(state), aul_state, trials)
 
 
-def test_error(config, network: TrainedNetwork, dataset: data.Dataset, mesh) -> float | None:
-  """Fraction of test examples misclassified; None when the data set has no test split."""
+def test_errors(config, network: TrainedNetwork, dataset: data.Dataset, mesh) -> np.ndarray:
+  """Fraction of test examples misclassified, () or (R,) per trial; NaN when the data set
+  has no test split."""
   num_test = len(dataset.y_test)
   if num_test == 0:
-    return None
+    return np.full((network.trials,) if network.trials else (), np.nan)
   evaluate = train.make_evaluate(
-    network.model, mesh, num_examples=num_test, batch_size=config.eval_batch_size
+    network.model,
+    mesh,
+    num_examples=num_test,
+    batch_size=config.eval_batch_size,
+    trials=network.trials,
   )
   images, labels = train.replicate((dataset.x_test, dataset.y_test.astype(np.int32)), mesh)
-  return 1.0 - int(evaluate(network.state, images, labels)) / num_test
+  return 1.0 - np.asarray(evaluate(network.state, images, labels), np.float64) / num_test
 
 
 # --------------------------------------------------------------------------- step 2: detector
@@ -487,7 +534,9 @@ def retrain_from_scratch(
     recipe=config.retrain,
     labels_N=noisy.labels,
     weights_N=retrain.example_weights(config.method, p_N, noisy.is_mislabeled),
-    key=jax.random.fold_in(jax.random.key(config.seed), 1),
+    key=train.over_trials(lambda key: jax.random.fold_in(key, 1), config.trials > 1)(
+      trial_keys(config.seed, config.trials)
+    ),
     num_classes=dataset.num_classes,
     method=config.method,
     method_options=retrain.method_options(config.retrain, config.noise.rate),
@@ -496,11 +545,11 @@ def retrain_from_scratch(
   def train_stage():
     progress.log(f'retraining from scratch with method {config.method!r}')
     network = train_network(config, job, dataset, mesh, saved, progress)
-    error = test_error(config, network, dataset, mesh)
-    progress.scalar('retrain/test_error', error, config.retrain.epochs)
-    return {'test_error': np.float64(np.nan if error is None else error)}
+    errors = test_errors(config, network, dataset, mesh)
+    progress.scalar('retrain/test_error', _mean_or_none(errors), config.retrain.epochs)
+    return {'test_error': errors}
 
-  return _optional(_stage_results(saved, job, train_stage)['test_error'])
+  return _mean_or_none(_stage_results(saved, job, train_stage)['test_error'])
 
 
 # ---------------------------------------------------------------------------------- outputs
@@ -531,6 +580,16 @@ def write_outputs(
     is_mislabeled_N=noisy.truth,
     **fields,
   )
+  arrays = {}
+  if detection is not None and detection.dynamics.trial_statistics is not None:
+    dynamics = detection.dynamics
+    tables.update(report.trial_tables(dynamics.trial_statistics))
+    summary['trials'] = report.trials_summary(
+      dynamics.trial_statistics, dynamics.trial_test_errors, noisy.truth
+    )
+    if dynamics.trial_history_RxNxT is not None:
+      for r, history_NxT in enumerate(dynamics.trial_history_RxNxT):
+        arrays[f'trials/aul_history_trial{r}.npy'] = history_NxT.astype(np.float32)
   summary.update(
     {
       'config': config.to_dict(),
@@ -551,7 +610,7 @@ def write_outputs(
       true_labels_N=noisy.true_labels if noisy.injected else None,
     )
   if distributed.is_primary():
-    outputs.write_run_outputs(workdir, scores, summary, history, pictures, tables)
+    outputs.write_run_outputs(workdir, scores, summary, history, pictures, tables, arrays)
   return summary
 
 

@@ -8,6 +8,7 @@ ranked_issues.csv.
 from collections.abc import Mapping
 
 import numpy as np
+from scipy import stats
 
 from aul_jax import detectors, gmm, metrics
 
@@ -123,6 +124,65 @@ def assemble(
     scores['is_mislabeled'] = np.asarray(is_mislabeled_N, bool)
     summary['true_noise_rate'] = float(np.mean(is_mislabeled_N))
   return scores, summary, tables
+
+
+def trials_summary(
+  trial_statistics: Mapping[str, np.ndarray], test_errors=None, is_mislabeled_N=None
+) -> dict:
+  """summary.json's 'trials': how much R networks trained side by side agree.
+
+  Per statistic, the Spearman and Pearson correlations between every pair of trials (the
+  paper's Figure 5 measure), and with the truth each trial's AUROC, its mean and spread.
+  """
+  summary = {'count': len(next(iter(trial_statistics.values())))}
+  if test_errors is not None:
+    summary['test_error'] = [None if e is None else float(e) for e in test_errors]
+  correlation, auroc = {}, {}
+  for name, values_RxN in trial_statistics.items():
+    values_RxN = np.asarray(values_RxN, np.float64)
+    pairs = np.triu_indices(len(values_RxN), k=1)
+    spearman = _correlations(stats.rankdata(values_RxN, axis=1))[pairs]
+    pearson = _correlations(values_RxN)[pairs]
+    correlation[name] = {
+      'spearman_mean': float(np.mean(spearman)),
+      'spearman_min': float(np.min(spearman)),
+      'pearson_mean': float(np.mean(pearson)),
+    }
+    if is_mislabeled_N is not None and name in detectors.SCORES:
+      score_RxN = [detectors.mislabel_score({name: v}, name) for v in values_RxN]
+      truth = np.asarray(is_mislabeled_N, bool)
+      per_trial = [metrics.auroc(score_N, truth) for score_N in score_RxN]
+      auroc[name] = {
+        'per_trial': per_trial,
+        'mean': float(np.mean(per_trial)),
+        'std': float(np.std(per_trial)),
+        'min': float(np.min(per_trial)),
+        'max': float(np.max(per_trial)),
+      }
+  summary['rank_correlation'] = correlation
+  if auroc:
+    summary['auroc'] = auroc
+  return summary
+
+
+def _correlations(values_RxN: np.ndarray) -> np.ndarray:
+  """(R, R) Pearson correlations of the rows; 1 on the diagonal, 0 for a constant row."""
+  centred = values_RxN - values_RxN.mean(axis=1, keepdims=True)
+  norms = np.linalg.norm(centred, axis=1)
+  unit = centred / np.where(norms > 0, norms, 1.0)[:, None]
+  return np.clip(unit @ unit.T, -1.0, 1.0)
+
+
+def trial_tables(trial_statistics: Mapping[str, np.ndarray]) -> dict[str, dict]:
+  """trials/scores_trial{r}.csv: each trial's own statistics, one row per example."""
+  count = len(next(iter(trial_statistics.values())))
+  return {
+    f'trials/scores_trial{r}.csv': {
+      'index': np.arange(len(next(iter(trial_statistics.values()))[r])),
+      **{name: np.asarray(values, np.float64)[r] for name, values in trial_statistics.items()},
+    }
+    for r in range(count)
+  }
 
 
 def ranked_issues(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -70,28 +70,32 @@ def method_options(retrain_config: ml_collections.ConfigDict, noise_rate: float)
   }
 
 
-def step_and_state(
+def step_and_init(
   method: str,
   model,
   optimizer,
   init_state: Callable[[jax.Array], train.TrainState],
-  key: jax.Array,
   *,
   reed_beta: float = 0.8,
   coteaching_forget_rate: float = 0.0,
   coteaching_gradual_epochs: int = 1,
 ):
-  """The StepFn and its fresh state: a pair of networks for co-teaching, else one."""
+  """The method's StepFn and `init(key) -> fresh state`: a pair of networks for co-teaching,
+  else one. `init` is pure, so trials are `jax.vmap(init)(keys)`."""
   if method == 'coteaching':
-    key_a, key_b = jax.random.split(key)
     step = coteaching.make_coteaching_step(
       model,
       optimizer,
       max_forget_rate=coteaching_forget_rate,
       gradual_epochs=coteaching_gradual_epochs,
     )
-    return step, (init_state(key_a), init_state(key_b))
-  return train.make_step(model, optimizer, objective(method, reed_beta)), init_state(key)
+
+    def init_pair(key):
+      key_a, key_b = jax.random.split(key)
+      return init_state(key_a), init_state(key_b)
+
+    return step, init_pair
+  return train.make_step(model, optimizer, objective(method, reed_beta)), init_state
 
 
 def evaluated_state(state):

@@ -3,6 +3,12 @@
 The per-device programming model is pmap's (collectives over a 'data' axis), written with
 `jax.shard_map` under `jax.jit` on a 1-D mesh. Training data live on the device; an epoch
 (shuffle, augmentation, every step, the AUL scatter) is one `lax.scan`, one host dispatch.
+
+Trials: R networks can train in lockstep in the same program (`trials=R`). Their train
+states, AUL states and keys carry a leading R axis, and so may the per-example data fields
+(labels, weights) that differ between them; the per-device epoch is `jax.vmap`ped over R,
+so the images are on the device once and an epoch stays one dispatch. Without trials
+(`trials=0`) nothing is vmapped and the arrays have no R axis.
 """
 
 import concurrent.futures
@@ -232,12 +238,24 @@ def _step_and_scatter(
   return state, epoch_NxQ, stats
 
 
-def _finish_epoch(aul_state, epoch_NxQ, stats, data, epoch):
+def over_trials(fn: Callable, trials: int, in_axes: Any = 0) -> Callable:
+  """`fn` vmapped over a leading trial axis when there are trials, else `fn` itself."""
+  return jax.vmap(fn, in_axes=in_axes) if trials else fn
+
+
+def _finish_epoch(aul_state, epoch_NxQ, stats, data, epoch, trials: int):
   """Folds the epoch into the AUL state; with the truth known, adds the AUL's AUROC."""
-  aul_state = aul.add_epoch(aul_state, epoch_NxQ, epoch)
+  fold = over_trials(lambda state, values: aul.add_epoch(state, values, epoch), trials)
+  aul_state = fold(aul_state, epoch_NxQ)
   if 'is_mislabeled' in data:
-    stats = {**stats, 'aul_auroc': metrics.auroc_on_device(aul_state.aul_N, data['is_mislabeled'])}
+    auroc = over_trials(lambda aul_N: metrics.auroc_on_device(aul_N, data['is_mislabeled']), trials)
+    stats = {**stats, 'aul_auroc': auroc(aul_state.aul_N)}
   return aul_state, stats
+
+
+def _data_axes(data: dict, trial_fields: Sequence[str]) -> dict:
+  """vmap's in_axes of `data`: 0 for the fields that differ between trials, None for shared."""
+  return {name: 0 if name in trial_fields else None for name in data}
 
 
 def make_train_epoch(
@@ -248,6 +266,8 @@ def make_train_epoch(
   batch_size: int,
   augment_images: bool,
   draw_weights: Callable[[jax.Array, int], jax.Array] | None = None,
+  trials: int = 0,
+  trial_fields: Sequence[str] = (),
 ) -> Callable:
   """Compiles `run_epoch(state, aul_state, data, key, epoch) -> (state, aul_state, stats)`.
 
@@ -257,7 +277,8 @@ def make_train_epoch(
   them, the other dynamics) of each step are gathered over devices and scattered by index
   into the epoch's (N, Q) values, which are folded into the donated AUL state. With
   `draw_weights`, `draw_weights(key, N)` replaces data['weight'] with fresh weights at
-  every epoch.
+  every epoch. With `trials` = R > 0, state, aul_state, key and the `trial_fields` of
+  `data` have a leading R axis (the module docstring), and so have the stats.
   """
   local_batch = batch_size // mesh.shape[DATA_AXIS]
   one_step = functools.partial(
@@ -283,14 +304,16 @@ def make_train_epoch(
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def run_epoch(state, aul_state, data, key, epoch):
     epoch = jnp.asarray(epoch, jnp.int32)
-    sharded_epoch = jax.shard_map(
+    epoch_fn = over_trials(
       functools.partial(per_device_epoch, tracked=aul.tracked(aul_state)),
-      mesh=mesh,
-      in_specs=(P(), P(), P(), P()),
-      out_specs=(P(), P(), P()),
+      trials,
+      in_axes=(0, _data_axes(data, trial_fields), 0, None),
+    )
+    sharded_epoch = jax.shard_map(
+      epoch_fn, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=(P(), P(), P())
     )
     state, epoch_NxQ, stats = sharded_epoch(state, data, key, epoch)
-    aul_state, stats = _finish_epoch(aul_state, epoch_NxQ, stats, data, epoch)
+    aul_state, stats = _finish_epoch(aul_state, epoch_NxQ, stats, data, epoch, trials)
     return state, aul_state, stats
 
   return run_epoch
@@ -305,6 +328,8 @@ def make_streamed_train_epoch(
   batch_size: int,
   augment_images: bool,
   draw_weights: Callable[[jax.Array, int], jax.Array] | None = None,
+  trials: int = 0,
+  trial_fields: Sequence[str] = (),
 ) -> Callable:
   """Like make_train_epoch, for images that stay on the host: one dispatch per step.
 
@@ -312,61 +337,83 @@ def make_streamed_train_epoch(
   process loads only the rows of its own devices' slice of every batch, one step ahead
   of the device. The same per-device step code, epoch order, keys and example indices as
   the device-resident path give the same AUL. `data` holds 'label', 'weight' (and
-  optionally 'is_mislabeled') on the device; it has no 'image'.
+  optionally 'is_mislabeled') on the device; it has no 'image'. With trials, each step
+  loads the R trials' batches, (R, B, H, W, C).
   """
-  batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  batch_spec = P(None, DATA_AXIS) if trials else P(DATA_AXIS)
+  batch_sharding = NamedSharding(mesh, batch_spec)
   one_step = functools.partial(
     _step_and_scatter, step_fn=step_fn, batch_size=batch_size, augment_images=augment_images
   )
-  sharded_step = jax.shard_map(
-    lambda carry, images_b, *rest: one_step(carry, images_b, *rest),
-    mesh=mesh,
-    in_specs=(P(), P(DATA_AXIS), P(), P(), P(), P(), P(), P()),
-    out_specs=P(),
-  )
-  compiled_step = jax.jit(sharded_step, donate_argnums=(0,))
 
-  @functools.partial(jax.jit, static_argnums=(3,))
-  def start_epoch(data, key, epoch, tracked):
+  @functools.partial(jax.jit, donate_argnums=(0,), static_argnames=('fields',))
+  def compiled_step(carry, images, index_B, mask_B, step, augment_key, data, epoch, fields):
+    step_fn = over_trials(
+      one_step, trials, in_axes=(0, 0, 0, 0, None, 0, _data_axes(data, fields), None)
+    )
+    sharded_step = jax.shard_map(
+      step_fn,
+      mesh=mesh,
+      in_specs=(P(), batch_spec, P(), P(), P(), P(), P(), P()),
+      out_specs=P(),
+    )
+    return sharded_step(carry, images, index_B, mask_B, step, augment_key, data, epoch)
+
+  def begin_epoch(key, epoch, tracked):
     order_key, augment_key, weight_key = _epoch_keys(key, epoch)
-    if draw_weights is not None:
-      data = {**data, 'weight': draw_weights(weight_key, num_examples)}
+    weight_N = None if draw_weights is None else draw_weights(weight_key, num_examples)
     index_SxB, mask_SxB = epoch_order(order_key, num_examples, batch_size)
     zeros = aul.init_epoch_values(num_examples, tracked)
-    return data, index_SxB, mask_SxB, augment_key, zeros, _initial_stats()
+    return weight_N, index_SxB, mask_SxB, augment_key, zeros, _initial_stats()
 
-  finish = jax.jit(_finish_epoch, donate_argnums=(0,))
+  @functools.partial(jax.jit, static_argnums=(2,))
+  def start_epoch(key, epoch, tracked):
+    begin = functools.partial(begin_epoch, tracked=tracked)
+    return over_trials(begin, trials, in_axes=(0, None))(key, epoch)
 
-  def device_batch(index_B: np.ndarray) -> jax.Array:
-    """The images of a global batch as a data-sharded array; each process loads its rows."""
-    example = load_images(index_B[:1])
-    shape = (len(index_B), *example.shape[1:])
-    return jax.make_array_from_callback(
-      shape, batch_sharding, lambda where: load_images(index_B[where[0]]).astype(np.float32)
-    )
+  finish = jax.jit(functools.partial(_finish_epoch, trials=trials), donate_argnums=(0,))
+
+  def device_batch(index: np.ndarray) -> jax.Array:
+    """The images of a global batch ((B,) indices, or (R, B) with trials) as a data-sharded
+    array; each process loads only its rows."""
+    example = load_images(index.reshape(-1)[:1])
+    shape = (*index.shape, *example.shape[1:])
+
+    def load(where):
+      rows = index[where[: index.ndim]]
+      images = load_images(rows.reshape(-1)).astype(np.float32)
+      return images.reshape(*rows.shape, *example.shape[1:])
+
+    return jax.make_array_from_callback(shape, batch_sharding, load)
 
   def run_epoch(state, aul_state, data, key, epoch):
     epoch = jnp.asarray(epoch, jnp.int32)
-    data, index_SxB, mask_SxB, augment_key, epoch_NxQ, stats = start_epoch(
-      data, key, epoch, aul.tracked(aul_state)
+    weight, index, mask, augment_key, epoch_NxQ, stats = start_epoch(
+      key, epoch, aul.tracked(aul_state)
     )
-    index_host = to_host(index_SxB)
+    fields = trial_fields
+    if weight is not None:  # This epoch's random weights, one set per trial.
+      data, fields = {**data, 'weight': weight}, (*trial_fields, 'weight')
+    index_host = to_host(index)  # (S, B), or (R, S, B) with trials.
+    steps = index_host.shape[-2]
+    at = (lambda a, s: a[:, s]) if trials else (lambda a, s: a[s])
     carry = (state, epoch_NxQ, stats)
     with concurrent.futures.ThreadPoolExecutor(1) as loader:
-      next_images = loader.submit(device_batch, index_host[0])
-      for step in range(len(index_host)):
+      next_images = loader.submit(device_batch, at(index_host, 0))
+      for step in range(steps):
         images = next_images.result()
-        if step + 1 < len(index_host):
-          next_images = loader.submit(device_batch, index_host[step + 1])
+        if step + 1 < steps:
+          next_images = loader.submit(device_batch, at(index_host, step + 1))
         carry = compiled_step(
           carry,
           images,
-          index_SxB[step],
-          mask_SxB[step],
+          at(index, step),
+          at(mask, step),
           jnp.int32(step),
           augment_key,
           data,
           epoch,
+          fields=fields,
         )
     state, epoch_NxQ, stats = carry
     aul_state, stats = finish(aul_state, epoch_NxQ, stats, data, epoch)
@@ -385,9 +432,15 @@ def _eval_logits(model, variables, images, position_B, local_batch: int, num_exa
 
 
 def make_evaluate(
-  model: nn.Module, mesh: jax.sharding.Mesh, *, num_examples: int, batch_size: int
+  model: nn.Module,
+  mesh: jax.sharding.Mesh,
+  *,
+  num_examples: int,
+  batch_size: int,
+  trials: int = 0,
 ) -> Callable:
-  """Compiles `evaluate(state, images, labels) -> number of correct predictions` (eval mode)."""
+  """Compiles `evaluate(state, images, labels) -> number of correct predictions` (eval mode);
+  with trials, of each trial's network, (R,)."""
   local_batch = batch_size // mesh.shape[DATA_AXIS]
   steps = math.ceil(num_examples / batch_size)
 
@@ -405,13 +458,20 @@ def make_evaluate(
     correct, _ = jax.lax.scan(body, jnp.zeros((), jnp.int32), positions)
     return correct
 
+  per_device_eval = over_trials(per_device_eval, trials, in_axes=(0, None, None))
   return jax.jit(jax.shard_map(per_device_eval, mesh=mesh, in_specs=(P(), P(), P()), out_specs=P()))
 
 
 def make_predict(
-  model: nn.Module, mesh: jax.sharding.Mesh, *, num_examples: int, batch_size: int
+  model: nn.Module,
+  mesh: jax.sharding.Mesh,
+  *,
+  num_examples: int,
+  batch_size: int,
+  trials: int = 0,
 ) -> Callable:
-  """Compiles `predict(state, images) -> (N, K) float32 softmax probabilities` (eval mode).
+  """Compiles `predict(state, images) -> (N, K) float32 softmax probabilities` (eval mode);
+  with trials, (R, N, K).
 
   Used for held-out (cross-validated) probabilities, e.g. for confident learning.
   """
@@ -432,6 +492,7 @@ def make_predict(
     _, probs_SxBxK = jax.lax.scan(body, None, positions)
     return probs_SxBxK.reshape(steps * batch_size, -1)[:num_examples]
 
+  per_device_predict = over_trials(per_device_predict, trials, in_axes=(0, None))
   return jax.jit(jax.shard_map(per_device_predict, mesh=mesh, in_specs=(P(), P()), out_specs=P()))
 
 
@@ -441,24 +502,29 @@ def to_host(tree: Any) -> Any:
 
 
 def _epoch_metrics(epoch: int, stats: dict, num_examples: int, started: float) -> dict:
-  """Host copies of an epoch's metrics; raises DivergedError on a non-finite loss.
+  """Host copies of an epoch's metrics (means over trials, if any); raises DivergedError on
+  a non-finite loss, naming the trial.
 
   Throughput is measured from the epoch's dispatch to the arrival of its metrics.
   """
   stats = to_host(stats)
   seconds = time.perf_counter() - started
-  if stats['first_nonfinite_step'] >= 0:
+  bad_step_R = np.atleast_1d(stats['first_nonfinite_step'])
+  if np.any(bad_step_R >= 0):
+    trial = int(np.argmax(bad_step_R >= 0))
+    where = f' in trial {trial}' if np.ndim(stats['first_nonfinite_step']) else ''
     raise DivergedError(
-      f'non-finite training loss at epoch {epoch + 1}, step {int(stats["first_nonfinite_step"])}'
+      f'non-finite training loss{where} at epoch {epoch + 1}, step {int(bad_step_R[trial])}'
       ' (0-based within the epoch); lower the learning rate or check the inputs'
     )
+  trials = max(np.size(stats['loss_sum']), 1)
   metrics = {
-    'loss': float(stats['loss_sum']) / num_examples,
-    'accuracy': float(stats['correct']) / num_examples,
-    'images_per_s': num_examples / max(seconds, 1e-9),
+    'loss': float(np.sum(stats['loss_sum'])) / (trials * num_examples),
+    'accuracy': float(np.sum(stats['correct'])) / (trials * num_examples),
+    'images_per_s': trials * num_examples / max(seconds, 1e-9),
   }
   if 'aul_auroc' in stats:
-    metrics['aul_auroc'] = float(stats['aul_auroc'])
+    metrics['aul_auroc'] = float(np.mean(stats['aul_auroc']))
   return metrics
 
 

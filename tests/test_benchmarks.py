@@ -183,3 +183,15 @@ def test_conv_layers_quick_without_torch():
   assert positive(record['fwd_bwd_speedup_vs_xla'])
   assert record['fwd_bwd_ratio_vs_torch'] is None and record['torch'] == 'skipped'
   assert 'onednn_fwd_bwd' in out
+
+
+def test_trials_quick():
+  _, record = run_benchmark('trials.py')
+  assert set(record['speedup_vs_sequential']) == {'mlp', 'lenet'}
+  for name, by_trials in record['models'].items():
+    assert positive(by_trials['one_network_epoch_s']), name
+    for r, row in by_trials['by_trials'].items():
+      assert positive(row['speedup_vs_sequential']) and positive(row['images_per_s']), (name, r)
+      assert row['sequential_epoch_s'] == pytest.approx(
+        int(r) * by_trials['one_network_epoch_s'], rel=1e-3
+      )

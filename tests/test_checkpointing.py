@@ -190,7 +190,8 @@ def uninterrupted_threshold(tmp_path_factory):
 def test_threshold_rule_trains_its_runs_and_judges_by_them(uninterrupted_threshold):
   summary, files, log = uninterrupted_threshold
   assert summary['detector']['rule'] == 'threshold' and 'gmm' not in summary
-  assert any(line.startswith('threshold1 epoch 4/4') for line in log)
+  assert summary['paper']['gmm']['weights']  # The paper's AUL mixture, beside the rule's flags.
+  assert any(line.startswith('threshold epoch 4/4') for line in log)  # Both runs, as trials.
   scores = np.genfromtxt(
     files['scores.csv'].decode().splitlines(), delimiter=',', names=True, dtype=None
   )
@@ -201,7 +202,7 @@ def test_threshold_rule_trains_its_runs_and_judges_by_them(uninterrupted_thresho
   assert summary['auroc'] > 0.8
 
 
-@pytest.mark.parametrize('stop_after', ['threshold0 epoch 3/', 'threshold1 epoch 1/'])
+@pytest.mark.parametrize('stop_after', ['threshold epoch 1/', 'threshold epoch 3/'])
 def test_threshold_runs_resume_identically(stop_after, uninterrupted_threshold, tmp_path):
   summary, files, _ = uninterrupted_threshold
   with pytest.raises(Preempted):
