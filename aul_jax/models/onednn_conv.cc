@@ -5,6 +5,12 @@
 // NHWC, the layout JAX already uses, so no activation is ever transposed; only the (small)
 // kernel is reordered into the blocked layout oneDNN's JIT kernels want. Built and loaded by
 // aul_jax/models/onednn.py.
+//
+// Under jax.vmap (vmap_method='expand_dims') every operand comes with the same number of
+// leading "trial" dimensions in front of NHWC/HWIO, each either 1 (the operand is shared by
+// all trials) or the result's. One call then runs all trials: as one convolution over a
+// larger batch when the kernel is shared, else one convolution per trial (`grouped`: as one
+// grouped convolution over trial-interleaved copies of the activations).
 
 #include <cstdint>
 #include <cstdlib>
@@ -14,8 +20,9 @@
 #include <optional>
 #include <string>
 #include <tuple>
-#include <utility>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -25,32 +32,56 @@ using dnnl::memory;
 
 namespace {
 
-// Shapes and hyper-parameters of one convolution: the key of the primitive cache.
+// Shapes and hyper-parameters of one convolution: the key of the primitive cache. With g > 1
+// it is a grouped convolution of g trials: activations NHW(g*C) and kernels (g, K, K, C, O).
 struct ConvShape {
-  int64_t n, h, w, c;     // input, NHWC
-  int64_t kh, kw, o;      // kernel, HWIO
+  int64_t g;              // groups
+  int64_t n, h, w, c;     // input, NHWC (C per group)
+  int64_t kh, kw, o;      // kernel, HWIO (O per group)
   int64_t ho, wo;         // output, NHWC
   int64_t sh, sw;         // strides
   int64_t plh, phh, plw, phw;  // padding, low/high per spatial dimension
   memory::data_type dtype;
 
   auto tie() const {
-    return std::tie(n, h, w, c, kh, kw, o, ho, wo, sh, sw, plh, phh, plw, phw, dtype);
+    return std::tie(g, n, h, w, c, kh, kw, o, ho, wo, sh, sw, plh, phh, plw, phw, dtype);
   }
   bool operator<(const ConvShape& other) const { return tie() < other.tie(); }
 
-  memory::desc src() const { return {{n, c, h, w}, dtype, memory::format_tag::nhwc}; }
-  memory::desc dst() const { return {{n, o, ho, wo}, dtype, memory::format_tag::nhwc}; }
-  memory::desc weights_user() const { return {{o, c, kh, kw}, dtype, memory::format_tag::hwio}; }
-  memory::desc weights_any() const { return {{o, c, kh, kw}, dtype, memory::format_tag::any}; }
+  memory::desc src() const { return {{n, g * c, h, w}, dtype, memory::format_tag::nhwc}; }
+  memory::desc dst() const { return {{n, g * o, ho, wo}, dtype, memory::format_tag::nhwc}; }
+  memory::desc weights_user() const {
+    if (g == 1) return {{o, c, kh, kw}, dtype, memory::format_tag::hwio};
+    // (g, K, K, C, O), as vmap stacks HWIO kernels.
+    return {{g, o, c, kh, kw}, dtype, {kh * kw * c * o, 1, o, kw * c * o, c * o}};
+  }
+  memory::desc weights_any() const {
+    if (g == 1) return {{o, c, kh, kw}, dtype, memory::format_tag::any};
+    return {{g, o, c, kh, kw}, dtype, memory::format_tag::any};
+  }
   memory::dims strides() const { return {sh, sw}; }
   memory::dims pad_low() const { return {plh, plw}; }
   memory::dims pad_high() const { return {phh, phw}; }
+
+  // Trial-major (g, N, H, W, C) activations, as vmap stacks them, and the same values
+  // interleaved as the grouped convolution reads them, NHW(g*C).
+  static memory::desc Stacked(memory::data_type t, int64_t g, int64_t n, int64_t h, int64_t w,
+                              int64_t c) {
+    return {{g, n, h, w, c}, t, {n * h * w * c, h * w * c, w * c, c, 1}};
+  }
+  static memory::desc Interleaved(memory::data_type t, int64_t g, int64_t n, int64_t h,
+                                  int64_t w, int64_t c) {
+    return {{g, n, h, w, c}, t, {c, h * w * g * c, w * g * c, g * c, 1}};
+  }
 };
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;
+}
+
+dnnl::reorder Reorder(const memory::desc& from, const memory::desc& to) {
+  return dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
 }
 
 // One primitive, and the reorder of its kernel (or kernel gradient) from or to JAX's HWIO when
@@ -71,17 +102,15 @@ struct Step {
         scratchpad(pd.scratchpad_desc()),
         weights_arg(weights_arg),
         weights_are_output(weights_are_output) {
-    if (weights != user) {
-      reorder = weights_are_output
-                    ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), weights, Engine(), user))
-                    : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user, Engine(), weights));
-    }
+    if (weights != user) reorder = weights_are_output ? Reorder(weights, user) : Reorder(user, weights);
   }
 };
 
-// The forward pass and both gradients of one convolution shape, created once and kept.
+// The forward pass and both gradients of one convolution shape, created once and kept; for a
+// grouped one also the reorders of its activations between stacked and interleaved trials.
 struct ConvPrimitives {
   std::optional<Step> forward, input_grad, weight_grad;
+  std::optional<dnnl::reorder> src_in, src_out, dst_in, dst_out;
 
   explicit ConvPrimitives(const ConvShape& s) {
     auto& engine = Engine();
@@ -105,6 +134,16 @@ struct ConvPrimitives {
     weight_grad.emplace(dnnl::convolution_backward_weights(bwd_weights), bwd_weights,
                         bwd_weights.diff_weights_desc(), DNNL_ARG_DIFF_WEIGHTS,
                         s.weights_user(), true);
+    if (s.g > 1) {
+      const auto src_stacked = ConvShape::Stacked(s.dtype, s.g, s.n, s.h, s.w, s.c);
+      const auto src_interleaved = ConvShape::Interleaved(s.dtype, s.g, s.n, s.h, s.w, s.c);
+      const auto dst_stacked = ConvShape::Stacked(s.dtype, s.g, s.n, s.ho, s.wo, s.o);
+      const auto dst_interleaved = ConvShape::Interleaved(s.dtype, s.g, s.n, s.ho, s.wo, s.o);
+      src_in = Reorder(src_stacked, src_interleaved);
+      src_out = Reorder(src_interleaved, src_stacked);
+      dst_in = Reorder(dst_stacked, dst_interleaved);
+      dst_out = Reorder(dst_interleaved, dst_stacked);
+    }
   }
 };
 
@@ -138,7 +177,8 @@ class Buffer {
 
 using Dims = ffi::AnyBuffer::Dimensions;
 
-// Fills `shape` from the input (or its gradient), kernel and output (or its gradient) shapes.
+// Fills `shape` from the per-trial input (or its gradient), kernel and output (or its
+// gradient) shapes.
 ffi::Error MakeShape(ffi::DataType dtype, Dims x, Dims w, Dims y, ffi::Span<const int64_t> strides,
                      ffi::Span<const int64_t> padding, ConvShape& shape) {
   if (x.size() != 4 || w.size() != 4 || y.size() != 4 || strides.size() != 2 ||
@@ -148,9 +188,9 @@ ffi::Error MakeShape(ffi::DataType dtype, Dims x, Dims w, Dims y, ffi::Span<cons
   if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16) {
     return ffi::Error::InvalidArgument("oneDNN convolution: only float32 and bfloat16");
   }
-  shape = ConvShape{x[0],       x[1],       x[2],       x[3],       w[0],       w[1],
-                    w[3],       y[1],       y[2],       strides[0], strides[1], padding[0],
-                    padding[1], padding[2], padding[3],
+  shape = ConvShape{1,          x[0],       x[1],       x[2],       x[3],       w[0],
+                    w[1],       w[3],       y[1],       y[2],       strides[0], strides[1],
+                    padding[0], padding[1], padding[2], padding[3],
                     dtype == ffi::DataType::F32 ? memory::data_type::f32
                                                 : memory::data_type::bf16};
   return ffi::Error::Success();
@@ -193,12 +233,107 @@ ffi::Error Guarded(F&& f) {
 
 enum class Direction { kForward, kInputGrad, kWeightGrad };
 
+// x, w and y (or their gradients) of one trial.
+struct Operands {
+  char* x;
+  char* w;
+  char* y;
+};
+
+// Runs one convolution (or grouped convolution) of `shape` in `kDirection`.
+template <Direction kDirection>
+void Run(const ConvShape& shape, const Operands& at) {
+  const auto& p = Primitives(shape);
+  auto& engine = Engine();
+  memory x(shape.src(), engine, at.x);
+  memory y(shape.dst(), engine, at.y);
+  switch (kDirection) {
+    case Direction::kForward:
+      Execute(*p.forward, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DST, y}}, shape, at.w);
+      break;
+    case Direction::kInputGrad:
+      Execute(*p.input_grad, {{DNNL_ARG_DIFF_DST, y}, {DNNL_ARG_DIFF_SRC, x}}, shape, at.w);
+      break;
+    case Direction::kWeightGrad:
+      Execute(*p.weight_grad, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, y}}, shape, at.w);
+      break;
+  }
+}
+
+// Runs g stacked trials as one grouped convolution: the activations are reordered into this
+// thread's buffers, trial-interleaved, and the result back.
+template <Direction kDirection>
+void RunGrouped(ConvShape shape, int64_t g, const Operands& at) {
+  shape.g = g;
+  const auto& p = Primitives(shape);
+  auto& engine = Engine();
+  thread_local Buffer x_buffer, y_buffer;
+  const auto t = shape.dtype;
+  memory x_stacked(ConvShape::Stacked(t, g, shape.n, shape.h, shape.w, shape.c), engine, at.x);
+  memory y_stacked(ConvShape::Stacked(t, g, shape.n, shape.ho, shape.wo, shape.o), engine, at.y);
+  const auto x_desc = ConvShape::Interleaved(t, g, shape.n, shape.h, shape.w, shape.c);
+  const auto y_desc = ConvShape::Interleaved(t, g, shape.n, shape.ho, shape.wo, shape.o);
+  memory x_grouped(x_desc, engine, x_buffer.Get(x_desc.get_size()));
+  memory y_grouped(y_desc, engine, y_buffer.Get(y_desc.get_size()));
+  dnnl::stream stream(engine);
+  const Operands grouped{static_cast<char*>(x_grouped.get_data_handle()), at.w,
+                         static_cast<char*>(y_grouped.get_data_handle())};
+  switch (kDirection) {
+    case Direction::kForward:
+      p.src_in->execute(stream, x_stacked, x_grouped);
+      stream.wait();
+      Run<kDirection>(shape, grouped);
+      p.dst_out->execute(stream, y_grouped, y_stacked);
+      break;
+    case Direction::kInputGrad:
+      p.dst_in->execute(stream, y_stacked, y_grouped);
+      stream.wait();
+      Run<kDirection>(shape, grouped);
+      p.src_out->execute(stream, x_grouped, x_stacked);
+      break;
+    case Direction::kWeightGrad:
+      p.src_in->execute(stream, x_stacked, x_grouped);
+      p.dst_in->execute(stream, y_stacked, y_grouped);
+      stream.wait();
+      Run<kDirection>(shape, grouped);
+      break;
+  }
+  stream.wait();
+}
+
+// Byte offset of each trial of an operand whose leading dimensions are `dims`, each 1 (shared
+// by all trials) or the result's `trials`; `size` is the bytes of one trial.
+std::vector<int64_t> TrialOffsets(Dims dims, Dims trials, int64_t size) {
+  int64_t count = 1;
+  for (int64_t t : trials) count *= t;
+  std::vector<int64_t> offsets(count, 0);
+  int64_t stride = size;  // bytes between consecutive indices of leading dimension d
+  int64_t period = 1;     // trials between consecutive indices of leading dimension d
+  for (size_t d = trials.size(); d-- > 0;) {
+    if (dims[d] != 1) {
+      for (int64_t i = 0; i < count; ++i) offsets[i] += (i / period) % trials[d] * stride;
+      stride *= dims[d];
+    }
+    period *= trials[d];
+  }
+  return offsets;
+}
+
+// Whether every leading dimension is `size`'s (1: the operand is shared by all trials).
+bool AllOf(Dims leading, Dims size) {
+  for (size_t d = 0; d < leading.size(); ++d) {
+    if (leading[d] != size[d]) return false;
+  }
+  return true;
+}
+
 // One handler for the three directions: out = forward(x, w), input_grad(dy, w) or
 // weight_grad(x, dy). The convolution's shape is read off whichever buffers are x, w and y
-// (or their gradients, which have their shapes).
+// (or their gradients, which have their shapes), less their leading trial dimensions.
 template <Direction kDirection>
 ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
-                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
+                    bool grouped) {
   return Guarded([&]() -> ffi::Error {
     ffi::AnyBuffer& result = *out;
     ffi::AnyBuffer& x = kDirection == Direction::kInputGrad ? result : a;
@@ -206,40 +341,76 @@ ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
     ffi::AnyBuffer& y = kDirection == Direction::kForward ? result
                         : kDirection == Direction::kInputGrad ? a
                                                               : b;
+    const size_t rank = result.dimensions().size();
+    if (rank < 4 || a.dimensions().size() != rank || b.dimensions().size() != rank) {
+      return ffi::Error::InvalidArgument(
+          "oneDNN convolution: expected NHWC, HWIO, NHWC ranks after one common number of "
+          "leading trial dimensions");
+    }
+    const size_t k = rank - 4;
+    const Dims trials = result.dimensions().first(k);
+    for (const ffi::AnyBuffer* operand : {&a, &b}) {
+      for (size_t d = 0; d < k; ++d) {
+        const int64_t size = operand->dimensions()[d];
+        if (size != 1 && size != trials[d]) {
+          return ffi::Error::InvalidArgument(
+              "oneDNN convolution: an operand's leading trial dimension is neither 1 nor the "
+              "result's");
+        }
+      }
+    }
     ConvShape shape;
-    ffi::Error error = MakeShape(a.element_type(), x.dimensions(), w.dimensions(),
-                                 y.dimensions(), strides, padding, shape);
+    ffi::Error error = MakeShape(a.element_type(), x.dimensions().last(4),
+                                 w.dimensions().last(4), y.dimensions().last(4), strides, padding,
+                                 shape);
     if (error.failure()) return error;
-    const auto& p = Primitives(shape);
-    auto& engine = Engine();
-    memory x_memory(shape.src(), engine, x.untyped_data());
-    memory y_memory(shape.dst(), engine, y.untyped_data());
-    switch (kDirection) {
-      case Direction::kForward:
-        Execute(*p.forward, {{DNNL_ARG_SRC, x_memory}, {DNNL_ARG_DST, y_memory}}, shape,
-                w.untyped_data());
-        break;
-      case Direction::kInputGrad:
-        Execute(*p.input_grad, {{DNNL_ARG_DIFF_DST, y_memory}, {DNNL_ARG_DIFF_SRC, x_memory}},
-                shape, w.untyped_data());
-        break;
-      case Direction::kWeightGrad:
-        Execute(*p.weight_grad, {{DNNL_ARG_SRC, x_memory}, {DNNL_ARG_DIFF_DST, y_memory}}, shape,
-                w.untyped_data());
-        break;
+    char* x_data = static_cast<char*>(x.untyped_data());
+    char* w_data = static_cast<char*>(w.untyped_data());
+    char* y_data = static_cast<char*>(y.untyped_data());
+    int64_t count = 1;
+    for (int64_t t : trials) count *= t;
+    const std::vector<int64_t> ones(k, 1);
+    const bool w_shared = AllOf(w.dimensions().first(k), ones);
+    const bool xy_stacked =
+        AllOf(x.dimensions().first(k), trials) && AllOf(y.dimensions().first(k), trials);
+    const bool all_stacked = xy_stacked && AllOf(w.dimensions().first(k), trials);
+    if (count == 0) {
+      // No trials (vmap over an empty axis): nothing to compute.
+    } else if (count == 1) {
+      Run<kDirection>(shape, {x_data, w_data, y_data});
+    } else if (kDirection != Direction::kWeightGrad && w_shared && xy_stacked) {
+      // One kernel for all trials: one convolution of the trials' batches stacked.
+      shape.n *= count;
+      Run<kDirection>(shape, {x_data, w_data, y_data});
+    } else if (grouped && all_stacked) {
+      RunGrouped<kDirection>(shape, count, {x_data, w_data, y_data});
+    } else {
+      const int64_t bytes = ffi::ByteWidth(a.element_type());
+      const auto x_offsets =
+          TrialOffsets(x.dimensions().first(k), trials, bytes * shape.n * shape.h * shape.w * shape.c);
+      const auto w_offsets = TrialOffsets(w.dimensions().first(k), trials,
+                                          bytes * shape.kh * shape.kw * shape.c * shape.o);
+      const auto y_offsets = TrialOffsets(y.dimensions().first(k), trials,
+                                          bytes * shape.n * shape.ho * shape.wo * shape.o);
+      for (int64_t i = 0; i < count; ++i) {
+        Run<kDirection>(shape,
+                        {x_data + x_offsets[i], w_data + w_offsets[i], y_data + y_offsets[i]});
+      }
     }
     return ffi::Error::Success();
   });
 }
 
-// Two operands, one result, the strides and the (low, high) padding of both spatial dims.
+// Two operands, one result, the strides and the (low, high) padding of both spatial dims, and
+// whether to run trials as one grouped convolution.
 auto Binding() {
   return ffi::Ffi::Bind()
       .Arg<ffi::AnyBuffer>()
       .Arg<ffi::AnyBuffer>()
       .Ret<ffi::AnyBuffer>()
       .Attr<ffi::Span<const int64_t>>("strides")
-      .Attr<ffi::Span<const int64_t>>("padding");
+      .Attr<ffi::Span<const int64_t>>("padding")
+      .Attr<bool>("grouped");
 }
 
 }  // namespace
