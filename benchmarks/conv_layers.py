@@ -6,6 +6,13 @@ convolution with canonical-layout gradients it replaced (aul_jax/models/conv.py)
 PyTorch's in channels_last (its faster CPU layout). Explains the train_throughput figures
 layer by layer (docs/benchmarks.md, section 2f).
 
+Then R trials in lockstep (jax.vmap over stacked inputs and kernels, as the trials axis runs
+the train step), forward plus both gradients summed over the layers, at batch 64 and 128 and
+R = 1, 2, 4, 8: oneDNN's one custom call per direction against R sequential calls and against
+XLA's vmapped convolutions (docs/benchmarks.md, section 2g). 2026-12-03, load ~4.5 (shared):
+one call was 1.06-1.16x faster than R calls and 4.3-10x faster than XLA at R >= 2; a grouped
+oneDNN convolution of the trials (commit 7510a3d) was 1.14-1.42x slower than one call.
+
   .venv/bin/python benchmarks/conv_layers.py
 """
 
@@ -34,11 +41,11 @@ JAX_CONVS = {
   'onednn': onednn.conv,
   'xla': conv_lib.make_canonical_conv(conv_lib.weight_grad_canonical),
 }
-# R trials: oneDNN's one call per direction, oneDNN's R calls, and XLA's vmapped convolutions
-# (its own lax autodiff, and the canonical-gradient convolutions the zoo falls back to).
+# R trials: oneDNN's one call per direction, oneDNN's R calls in a row, and XLA's vmapped
+# convolutions with its own autodiff. (The canonical-gradient XLA convolutions the zoo falls
+# back to timed within 5% of these at every R.)
 TRIAL_CONVS = {
   'onednn': onednn.conv,
-  'grouped': onednn.grouped_conv,
   'sequential': onednn.sequential_conv,
   'xla': lambda x, w, strides, pads: lax.conv_general_dilated(
     x, w, strides, pads, dimension_numbers=conv_lib.NHWC

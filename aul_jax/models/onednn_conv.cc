@@ -8,9 +8,12 @@
 //
 // Under jax.vmap (vmap_method='expand_dims') every operand comes with the same number of
 // leading "trial" dimensions in front of NHWC/HWIO, each either 1 (the operand is shared by
-// all trials) or the result's. One call then runs all trials: as one convolution over a
-// larger batch when the kernel is shared, else one convolution per trial (`grouped`: as one
-// grouped convolution over trial-interleaved copies of the activations).
+// all trials) or the result's. One call then runs all trials: as one convolution over the
+// stacked batch when the kernel is shared, else as one convolution per trial, in place.
+// Running R trials as one grouped convolution instead (groups = R, the activations reordered
+// to and from trial-interleaved NHW(R*C) around it) was 1.1-1.4x slower for ResNet-20's layers
+// at R = 2-8, the reorders costing more than grouping saved (commit 7510a3d has it;
+// benchmarks/conv_layers.py, docs/benchmarks.md section 2g).
 
 #include <cstdint>
 #include <cstdlib>
@@ -32,56 +35,32 @@ using dnnl::memory;
 
 namespace {
 
-// Shapes and hyper-parameters of one convolution: the key of the primitive cache. With g > 1
-// it is a grouped convolution of g trials: activations NHW(g*C) and kernels (g, K, K, C, O).
+// Shapes and hyper-parameters of one convolution: the key of the primitive cache.
 struct ConvShape {
-  int64_t g;              // groups
-  int64_t n, h, w, c;     // input, NHWC (C per group)
-  int64_t kh, kw, o;      // kernel, HWIO (O per group)
+  int64_t n, h, w, c;     // input, NHWC
+  int64_t kh, kw, o;      // kernel, HWIO
   int64_t ho, wo;         // output, NHWC
   int64_t sh, sw;         // strides
   int64_t plh, phh, plw, phw;  // padding, low/high per spatial dimension
   memory::data_type dtype;
 
   auto tie() const {
-    return std::tie(g, n, h, w, c, kh, kw, o, ho, wo, sh, sw, plh, phh, plw, phw, dtype);
+    return std::tie(n, h, w, c, kh, kw, o, ho, wo, sh, sw, plh, phh, plw, phw, dtype);
   }
   bool operator<(const ConvShape& other) const { return tie() < other.tie(); }
 
-  memory::desc src() const { return {{n, g * c, h, w}, dtype, memory::format_tag::nhwc}; }
-  memory::desc dst() const { return {{n, g * o, ho, wo}, dtype, memory::format_tag::nhwc}; }
-  memory::desc weights_user() const {
-    if (g == 1) return {{o, c, kh, kw}, dtype, memory::format_tag::hwio};
-    // (g, K, K, C, O), as vmap stacks HWIO kernels.
-    return {{g, o, c, kh, kw}, dtype, {kh * kw * c * o, 1, o, kw * c * o, c * o}};
-  }
-  memory::desc weights_any() const {
-    if (g == 1) return {{o, c, kh, kw}, dtype, memory::format_tag::any};
-    return {{g, o, c, kh, kw}, dtype, memory::format_tag::any};
-  }
+  memory::desc src() const { return {{n, c, h, w}, dtype, memory::format_tag::nhwc}; }
+  memory::desc dst() const { return {{n, o, ho, wo}, dtype, memory::format_tag::nhwc}; }
+  memory::desc weights_user() const { return {{o, c, kh, kw}, dtype, memory::format_tag::hwio}; }
+  memory::desc weights_any() const { return {{o, c, kh, kw}, dtype, memory::format_tag::any}; }
   memory::dims strides() const { return {sh, sw}; }
   memory::dims pad_low() const { return {plh, plw}; }
   memory::dims pad_high() const { return {phh, phw}; }
-
-  // Trial-major (g, N, H, W, C) activations, as vmap stacks them, and the same values
-  // interleaved as the grouped convolution reads them, NHW(g*C).
-  static memory::desc Stacked(memory::data_type t, int64_t g, int64_t n, int64_t h, int64_t w,
-                              int64_t c) {
-    return {{g, n, h, w, c}, t, {n * h * w * c, h * w * c, w * c, c, 1}};
-  }
-  static memory::desc Interleaved(memory::data_type t, int64_t g, int64_t n, int64_t h,
-                                  int64_t w, int64_t c) {
-    return {{g, n, h, w, c}, t, {c, h * w * g * c, w * g * c, g * c, 1}};
-  }
 };
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;
-}
-
-dnnl::reorder Reorder(const memory::desc& from, const memory::desc& to) {
-  return dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
 }
 
 // One primitive, and the reorder of its kernel (or kernel gradient) from or to JAX's HWIO when
@@ -102,15 +81,17 @@ struct Step {
         scratchpad(pd.scratchpad_desc()),
         weights_arg(weights_arg),
         weights_are_output(weights_are_output) {
-    if (weights != user) reorder = weights_are_output ? Reorder(weights, user) : Reorder(user, weights);
+    if (weights != user) {
+      reorder = weights_are_output
+                    ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), weights, Engine(), user))
+                    : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user, Engine(), weights));
+    }
   }
 };
 
-// The forward pass and both gradients of one convolution shape, created once and kept; for a
-// grouped one also the reorders of its activations between stacked and interleaved trials.
+// The forward pass and both gradients of one convolution shape, created once and kept.
 struct ConvPrimitives {
   std::optional<Step> forward, input_grad, weight_grad;
-  std::optional<dnnl::reorder> src_in, src_out, dst_in, dst_out;
 
   explicit ConvPrimitives(const ConvShape& s) {
     auto& engine = Engine();
@@ -134,16 +115,6 @@ struct ConvPrimitives {
     weight_grad.emplace(dnnl::convolution_backward_weights(bwd_weights), bwd_weights,
                         bwd_weights.diff_weights_desc(), DNNL_ARG_DIFF_WEIGHTS,
                         s.weights_user(), true);
-    if (s.g > 1) {
-      const auto src_stacked = ConvShape::Stacked(s.dtype, s.g, s.n, s.h, s.w, s.c);
-      const auto src_interleaved = ConvShape::Interleaved(s.dtype, s.g, s.n, s.h, s.w, s.c);
-      const auto dst_stacked = ConvShape::Stacked(s.dtype, s.g, s.n, s.ho, s.wo, s.o);
-      const auto dst_interleaved = ConvShape::Interleaved(s.dtype, s.g, s.n, s.ho, s.wo, s.o);
-      src_in = Reorder(src_stacked, src_interleaved);
-      src_out = Reorder(src_interleaved, src_stacked);
-      dst_in = Reorder(dst_stacked, dst_interleaved);
-      dst_out = Reorder(dst_interleaved, dst_stacked);
-    }
   }
 };
 
@@ -188,9 +159,9 @@ ffi::Error MakeShape(ffi::DataType dtype, Dims x, Dims w, Dims y, ffi::Span<cons
   if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16) {
     return ffi::Error::InvalidArgument("oneDNN convolution: only float32 and bfloat16");
   }
-  shape = ConvShape{1,          x[0],       x[1],       x[2],       x[3],       w[0],
-                    w[1],       w[3],       y[1],       y[2],       strides[0], strides[1],
-                    padding[0], padding[1], padding[2], padding[3],
+  shape = ConvShape{x[0],       x[1],       x[2],       x[3],       w[0],       w[1],
+                    w[3],       y[1],       y[2],       strides[0], strides[1], padding[0],
+                    padding[1], padding[2], padding[3],
                     dtype == ffi::DataType::F32 ? memory::data_type::f32
                                                 : memory::data_type::bf16};
   return ffi::Error::Success();
@@ -240,7 +211,7 @@ struct Operands {
   char* y;
 };
 
-// Runs one convolution (or grouped convolution) of `shape` in `kDirection`.
+// Runs one convolution of `shape` in `kDirection`.
 template <Direction kDirection>
 void Run(const ConvShape& shape, const Operands& at) {
   const auto& p = Primitives(shape);
@@ -258,47 +229,6 @@ void Run(const ConvShape& shape, const Operands& at) {
       Execute(*p.weight_grad, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, y}}, shape, at.w);
       break;
   }
-}
-
-// Runs g stacked trials as one grouped convolution: the activations are reordered into this
-// thread's buffers, trial-interleaved, and the result back.
-template <Direction kDirection>
-void RunGrouped(ConvShape shape, int64_t g, const Operands& at) {
-  shape.g = g;
-  const auto& p = Primitives(shape);
-  auto& engine = Engine();
-  thread_local Buffer x_buffer, y_buffer;
-  const auto t = shape.dtype;
-  memory x_stacked(ConvShape::Stacked(t, g, shape.n, shape.h, shape.w, shape.c), engine, at.x);
-  memory y_stacked(ConvShape::Stacked(t, g, shape.n, shape.ho, shape.wo, shape.o), engine, at.y);
-  const auto x_desc = ConvShape::Interleaved(t, g, shape.n, shape.h, shape.w, shape.c);
-  const auto y_desc = ConvShape::Interleaved(t, g, shape.n, shape.ho, shape.wo, shape.o);
-  memory x_grouped(x_desc, engine, x_buffer.Get(x_desc.get_size()));
-  memory y_grouped(y_desc, engine, y_buffer.Get(y_desc.get_size()));
-  dnnl::stream stream(engine);
-  const Operands grouped{static_cast<char*>(x_grouped.get_data_handle()), at.w,
-                         static_cast<char*>(y_grouped.get_data_handle())};
-  switch (kDirection) {
-    case Direction::kForward:
-      p.src_in->execute(stream, x_stacked, x_grouped);
-      stream.wait();
-      Run<kDirection>(shape, grouped);
-      p.dst_out->execute(stream, y_grouped, y_stacked);
-      break;
-    case Direction::kInputGrad:
-      p.dst_in->execute(stream, y_stacked, y_grouped);
-      stream.wait();
-      Run<kDirection>(shape, grouped);
-      p.src_out->execute(stream, x_grouped, x_stacked);
-      break;
-    case Direction::kWeightGrad:
-      p.src_in->execute(stream, x_stacked, x_grouped);
-      p.dst_in->execute(stream, y_stacked, y_grouped);
-      stream.wait();
-      Run<kDirection>(shape, grouped);
-      break;
-  }
-  stream.wait();
 }
 
 // Byte offset of each trial of an operand whose leading dimensions are `dims`, each 1 (shared
@@ -332,8 +262,7 @@ bool AllOf(Dims leading, Dims size) {
 // (or their gradients, which have their shapes), less their leading trial dimensions.
 template <Direction kDirection>
 ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
-                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
-                    bool grouped) {
+                    ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
   return Guarded([&]() -> ffi::Error {
     ffi::AnyBuffer& result = *out;
     ffi::AnyBuffer& x = kDirection == Direction::kInputGrad ? result : a;
@@ -373,7 +302,6 @@ ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
     const bool w_shared = AllOf(w.dimensions().first(k), ones);
     const bool xy_stacked =
         AllOf(x.dimensions().first(k), trials) && AllOf(y.dimensions().first(k), trials);
-    const bool all_stacked = xy_stacked && AllOf(w.dimensions().first(k), trials);
     if (count == 0) {
       // No trials (vmap over an empty axis): nothing to compute.
     } else if (count == 1) {
@@ -382,8 +310,6 @@ ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
       // One kernel for all trials: one convolution of the trials' batches stacked.
       shape.n *= count;
       Run<kDirection>(shape, {x_data, w_data, y_data});
-    } else if (grouped && all_stacked) {
-      RunGrouped<kDirection>(shape, count, {x_data, w_data, y_data});
     } else {
       const int64_t bytes = ffi::ByteWidth(a.element_type());
       const auto x_offsets =
@@ -401,16 +327,14 @@ ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
   });
 }
 
-// Two operands, one result, the strides and the (low, high) padding of both spatial dims, and
-// whether to run trials as one grouped convolution.
+// Two operands, one result, the strides and the (low, high) padding of both spatial dims.
 auto Binding() {
   return ffi::Ffi::Bind()
       .Arg<ffi::AnyBuffer>()
       .Arg<ffi::AnyBuffer>()
       .Ret<ffi::AnyBuffer>()
       .Attr<ffi::Span<const int64_t>>("strides")
-      .Attr<ffi::Span<const int64_t>>("padding")
-      .Attr<bool>("grouped");
+      .Attr<ffi::Span<const int64_t>>("padding");
 }
 
 }  // namespace
