@@ -291,17 +291,19 @@ def test_vmap_inside_shard_map_matches_lax():
 
 def test_vmapped_lenet_matches_xla_convolutions(monkeypatch):
   net = models.get_model('lenet', 10)
-  x = jax.random.normal(jax.random.key(6), (TRIALS, 4, 32, 32, 3))
-  keys = jax.random.split(jax.random.key(7), TRIALS)
-  variables = jax.vmap(lambda k: net.init(k, x[0], train=False))(keys)
-
-  def loss(params, state, x):
-    logits, _ = net.apply({**state, 'params': params}, x, train=True, mutable=['batch_stats'])
-    return jnp.sum(jnp.sin(logits))
+  x = jax.random.normal(jax.random.key(6), (TRIALS, 2, 16, 16, 3))
+  # Random parameters of each leaf's shape at 1/sqrt(fan-in) (compiling net.init takes longer).
+  rng = np.random.default_rng(7)
+  variables = jax.tree.map(
+    lambda s: jnp.asarray(
+      rng.normal(size=(TRIALS, *s.shape)) / np.sqrt(np.prod(s.shape[:-1])), s.dtype
+    ),
+    jax.eval_shape(lambda: net.init(jax.random.key(7), x[0], train=False)),
+  )
 
   def value_and_grad(variables, x):
-    state = {k: v for k, v in variables.items() if k != 'params'}
-    return jax.value_and_grad(loss)(variables['params'], state, x)
+    loss = lambda variables: jnp.sum(jnp.sin(net.apply(variables, x)))
+    return jax.value_and_grad(loss)(variables)
 
   def calls(fn, *args):
     hlo = fn.lower(*args).as_text()
@@ -320,4 +322,4 @@ def test_vmapped_lenet_matches_xla_convolutions(monkeypatch):
   assert set(calls(xla, variables, x).values()) == {0}
   want = xla(variables, x)
   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
