@@ -43,7 +43,7 @@ JAX_CONVS = {
 }
 # R trials: oneDNN's one call per direction, oneDNN's R calls in a row, and XLA's vmapped
 # convolutions with its own autodiff. (The canonical-gradient XLA convolutions the zoo falls
-# back to timed within 5% of these at every R.)
+# back to timed within 8% of these at every R, in one run, so they are left out.)
 TRIAL_CONVS = {
   'onednn': onednn.conv,
   'sequential': onednn.sequential_conv,
@@ -83,8 +83,8 @@ def recycle_large_buffers() -> bool:
   """Has glibc keep freed buffers of any size for reuse; False where that is not glibc.
 
   Each jitted call allocates its outputs afresh; glibc gives blocks over 32 MiB (R = 8 stacks
-  64 MiB activations) their own mmap, so every call page-faults them in again, which cost up
-  to a third of a layer's time here. The compiled epoch's scan allocates once per epoch, so the
+  64 MiB activations) their own mmap, so every call page-faults them in again, which cost
+  about a third of a layer's time here. The compiled epoch's scan allocates once per epoch, so the
   figures without that cost are the ones that carry over to training.
   """
   try:
