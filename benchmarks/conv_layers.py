@@ -6,10 +6,18 @@ convolution with canonical-layout gradients it replaced (aul_jax/models/conv.py)
 PyTorch's in channels_last (its faster CPU layout). Explains the train_throughput figures
 layer by layer (docs/benchmarks.md, section 2f).
 
+Then R trials in lockstep (jax.vmap over stacked inputs and kernels, as the trials axis runs
+the train step), forward plus both gradients summed over the layers, at batch 64 and 128 and
+R = 1, 2, 4, 8: oneDNN's one custom call per direction against R sequential calls and against
+XLA's vmapped convolutions (docs/benchmarks.md, section 2g). 2026-12-03, load ~4.5 (shared):
+one call was 1.06-1.16x faster than R calls and 4.3-10x faster than XLA at R >= 2; a grouped
+oneDNN convolution of the trials (commit 7510a3d) was 1.14-1.42x slower than one call.
+
   .venv/bin/python benchmarks/conv_layers.py
 """
 
 import argparse
+import ctypes
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from aul_jax.models import conv as conv_lib
 from aul_jax.models import onednn
@@ -32,6 +41,17 @@ JAX_CONVS = {
   'onednn': onednn.conv,
   'xla': conv_lib.make_canonical_conv(conv_lib.weight_grad_canonical),
 }
+# R trials: oneDNN's one call per direction, oneDNN's R calls in a row, and XLA's vmapped
+# convolutions with its own autodiff. (The canonical-gradient XLA convolutions the zoo falls
+# back to timed within 8% of these at every R, in one run, so they are left out.)
+TRIAL_CONVS = {
+  'onednn': onednn.conv,
+  'sequential': onednn.sequential_conv,
+  'xla': lambda x, w, strides, pads: lax.conv_general_dilated(
+    x, w, strides, pads, dimension_numbers=conv_lib.NHWC
+  ),
+}
+TRIAL_IMPLS = tuple(TRIAL_CONVS)
 
 
 def jax_runs(conv: Callable, x, w, strides, pads) -> dict[str, Callable]:
@@ -40,6 +60,69 @@ def jax_runs(conv: Callable, x, w, strides, pads) -> dict[str, Callable]:
   dy = jnp.ones_like(forward(x, w))
   both = jax.jit(lambda x, w: jax.vjp(lambda x, w: conv(x, w, strides, pads), x, w)[1](dy))
   return {'fwd': lambda: forward(x, w), 'fwd_bwd': lambda: both(x, w)}
+
+
+def trials_fwd_bwd(impl: str, x_RxNxHxWxC, w_RxKxKxCxO, strides, pads) -> Callable:
+  """Forward + both gradients of R stacked trials (one conv each) as one jitted call."""
+  conv = TRIAL_CONVS[impl]
+
+  def one(x, w, dy):
+    # y is returned too: XLA would otherwise drop the forward convolution as dead code.
+    y, vjp = jax.vjp(lambda x, w: conv(x, w, strides, pads), x, w)
+    return y, *vjp(dy)
+
+  y_shape = jax.eval_shape(
+    jax.vmap(lambda x, w: conv(x, w, strides, pads)), x_RxNxHxWxC, w_RxKxKxCxO
+  )
+  dy = jnp.ones(y_shape.shape, y_shape.dtype)
+  both = jax.jit(lambda x, w: jax.vmap(one)(x, w, dy))
+  return lambda: both(x_RxNxHxWxC, w_RxKxKxCxO)
+
+
+def recycle_large_buffers() -> bool:
+  """Has glibc keep freed buffers of any size for reuse; False where that is not glibc.
+
+  Each jitted call allocates its outputs afresh; glibc gives blocks over 32 MiB (R = 8 stacks
+  64 MiB activations) their own mmap, so every call page-faults them in again, which cost
+  about a third of a layer's time here. The compiled epoch's scan allocates once per epoch, so the
+  figures without that cost are the ones that carry over to training.
+  """
+  try:
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(-3, 1 << 31)) and bool(libc.mallopt(-1, 1 << 31))  # M_MMAP/M_TRIM
+  except (OSError, AttributeError):
+    return False
+
+
+def trials_table(args) -> dict[str, Any]:
+  """Forward + both gradients of R trials in lockstep, summed over the layers, by impl."""
+  rng = np.random.default_rng(0)
+  record = {'malloc_recycles_large_buffers': recycle_large_buffers()}
+  rows = []
+  for batch in args.trials_batch_sizes:
+    for trials in args.trials:
+      totals = dict.fromkeys(TRIAL_IMPLS, 0.0)
+      for c_in, c_out, size, stride in LAYERS:
+        x = jnp.asarray(rng.normal(size=(trials, batch, size, size, c_in)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(trials, 3, 3, c_in, c_out)), jnp.float32)
+        pads = conv_lib.explicit_pads(x.shape[1:], w.shape[1:], (stride, stride), 'SAME')
+        runs = {i: trials_fwd_bwd(i, x, w, (stride,) * 2, pads) for i in TRIAL_IMPLS}
+        times = common.interleaved_seconds(runs, repeats=args.repeats, warmup=1)
+        for impl, t in times.items():
+          totals[impl] += common.median(t) * 1e3
+      ms = {i: round(t, 3) for i, t in totals.items()}
+      ratios = {f'{i}_vs_onednn': round(ms[i] / ms['onednn'], 3) for i in TRIAL_IMPLS[1:]}
+      record[f'batch{batch}_R{trials}'] = {'ms': ms, **ratios}
+      rows.append([batch, trials, *(f'{ms[i]:.1f}' for i in TRIAL_IMPLS), *ratios.values()])
+  print(
+    f'\nR trials in lockstep (vmap), forward + both gradients, sum of the {len(LAYERS)} layers, '
+    f'median of {args.repeats} interleaved calls, ms'
+  )
+  common.print_table(
+    ['batch', 'R', *(f'{i}_ms' for i in TRIAL_IMPLS), *(f'{i}/onednn' for i in TRIAL_IMPLS[1:])],
+    rows,
+  )
+  return record
 
 
 def torch_runs(x_np, w_np, stride) -> dict[str, Callable]:
@@ -59,11 +142,20 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch side')
   parser.add_argument('--torch-threads', type=int, default=None, help='default: all cores')
+  parser.add_argument(
+    '--trials', type=_ints, default=(1, 2, 4, 8), help='R of the vmapped table; "" skips it'
+  )
+  parser.add_argument('--trials-batch-sizes', type=_ints, default=(64, 128))
   parser.add_argument('--quick', action='store_true', help='tiny sizes, for tests')
   args = parser.parse_args(argv)
   if args.quick:
     args.batch_size, args.repeats = 4, 2
+    args.trials, args.trials_batch_sizes = (1, 2), (4,)
   return args
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(t) for t in text.split(',') if t)
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -96,6 +188,7 @@ def main(argv=None) -> dict[str, Any]:
     rows.append([name, *(f'{ms.get(k, float("nan")):.2f}' for k in _columns())])
   print(f'batch {args.batch_size}, median of {args.repeats} interleaved calls, ms')
   common.print_table(['layer', *_columns()], rows)
+  trials = trials_table(args) if args.trials else None
   total = {k: round(sum(v[k] for v in layers.values() if k in v), 3) for k in _columns()}
   record = {
     'batch_size': args.batch_size,
@@ -105,6 +198,7 @@ def main(argv=None) -> dict[str, Any]:
     'fwd_bwd_ratio_vs_torch': (
       round(total['torch_fwd_bwd'] / total['onednn_fwd_bwd'], 3) if with_torch else None
     ),
+    'trials_fwd_bwd': trials,
     'torch': torch_version() if with_torch else 'skipped',
     'machine': common.machine(),
   }

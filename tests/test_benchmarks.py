@@ -184,6 +184,12 @@ def test_conv_layers_quick_without_torch():
   assert record['fwd_bwd_ratio_vs_torch'] is None and record['torch'] == 'skipped'
   assert 'onednn_fwd_bwd' in out
 
+  trials = record['trials_fwd_bwd']
+  assert {k for k in trials if k.startswith('batch')} == {'batch4_R1', 'batch4_R2'}
+  assert all(positive(ms) for ms in trials['batch4_R2']['ms'].values())
+  assert positive(trials['batch4_R2']['sequential_vs_onednn'])
+  assert 'sequential/onednn' in out
+
 
 def test_trials_quick():
   _, record = run_benchmark('trials.py')

@@ -163,3 +163,163 @@ def test_the_wheels_onednn_is_the_one_loaded():
   with open('/proc/self/maps') as maps:
     mapped = {line.split()[-1] for line in maps if 'libdnnl' in line}
   assert mapped == {str(onednn._onednn_prefix() / 'lib' / 'libdnnl.so.3')}
+
+
+# R = 3 trials: (x, w) batching patterns of jax.vmap, and convolutions with both strides and
+# both kinds of padding.
+TRIALS = 3
+IN_AXES = {'both batched': (0, 0), 'x shared': (None, 0), 'w shared': (0, None)}
+TRIAL_CASES = {
+  'stride 1 explicit': ((4, 8, 8, 5), (3, 3, 5, 6), (1, 1), ((1, 1), (1, 1))),
+  'stride 2 explicit': ((4, 9, 8, 5), (3, 3, 5, 6), (2, 2), ((1, 0), (0, 2))),
+  'stride 2 SAME': ((3, 8, 8, 2), (5, 5, 2, 4), (2, 2), 'SAME'),
+}
+
+
+def _trial_operands(x_shape, w_shape, strides, padding, in_axes, dtype=jnp.float32):
+  """x, w (stacked over trials where batched) and per-trial cotangents dy_RxNxHoxWoxO."""
+  kx, kw, ky = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (TRIALS, *x_shape), dtype)
+  w = jax.random.normal(kw, (TRIALS, *w_shape), dtype)
+  dy_shape = _reference(x[0], w[0], strides, padding).shape
+  dy = jax.random.normal(ky, (TRIALS, *dy_shape), dtype)
+  return (x if in_axes[0] == 0 else x[0]), (w if in_axes[1] == 0 else w[0]), dy
+
+
+def _per_trial_reference(x, w, strides, padding, in_axes, dy):
+  """y, dx, dw of lax's convolution, one trial at a time, stacked."""
+  trials = []
+  for r in range(TRIALS):
+    x_r, w_r = (x[r] if in_axes[0] == 0 else x), (w[r] if in_axes[1] == 0 else w)
+    trials.append(_value_and_grads(_reference, x_r, w_r, strides, padding, dy[r]))
+  return [jnp.stack(t) for t in zip(*trials, strict=True)]
+
+
+@pytest.mark.parametrize('case', list(TRIAL_CASES))
+@pytest.mark.parametrize('pattern', list(IN_AXES))
+def test_vmapped_values_and_gradients_match_lax_per_trial(pattern, case):
+  x_shape, w_shape, strides, padding = TRIAL_CASES[case]
+  in_axes = IN_AXES[pattern]
+  x, w, dy = _trial_operands(x_shape, w_shape, strides, padding, in_axes)
+  per_trial = lambda x, w, dy: _value_and_grads(ONEDNN, x, w, strides, padding, dy)
+  got = jax.jit(jax.vmap(per_trial, in_axes=(*in_axes, 0)))(x, w, dy)
+  want = _per_trial_reference(x, w, strides, padding, in_axes, dy)
+  for name, g, r in zip(('y', 'dx', 'dw'), got, want, strict=True):
+    assert g.shape == r.shape and g.dtype == r.dtype, name
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_vmap_over_a_later_axis_gives_the_same():
+  x, w, dy = _trial_operands((4, 8, 8, 5), (3, 3, 5, 6), (2, 2), 'SAME', IN_AXES['both batched'])
+  per_trial = lambda x, w, dy: _value_and_grads(ONEDNN, x, w, (2, 2), 'SAME', dy)
+  got = jax.jit(jax.vmap(per_trial, in_axes=(3, 4, 0)))(
+    jnp.moveaxis(x, 0, 3), jnp.moveaxis(w, 0, 4), dy
+  )
+  want = _per_trial_reference(x, w, (2, 2), 'SAME', IN_AXES['both batched'], dy)
+  for g, r in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
+
+
+def test_vmapped_bfloat16_matches_float32_to_bfloat16_precision():
+  in_axes = IN_AXES['both batched']
+  x, w, dy = _trial_operands((8, 16, 16, 16), (3, 3, 16, 32), (1, 1), 'SAME', in_axes, jnp.bfloat16)
+  per_trial = lambda x, w, dy: _value_and_grads(ONEDNN, x, w, (1, 1), 'SAME', dy)
+  got = jax.jit(jax.vmap(per_trial))(x, w, dy)
+  f32 = [a.astype(jnp.float32) for a in (x, w, dy)]
+  want = _per_trial_reference(*f32[:2], (1, 1), 'SAME', in_axes, f32[2])
+  for g, r in zip(got, want, strict=True):
+    assert g.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(r)))
+    np.testing.assert_allclose(g.astype(jnp.float32), r, atol=0.02 * scale)
+
+
+def _custom_calls(hlo: str) -> dict[str, int]:
+  """How often each oneDNN target is called in lowered StableHLO text."""
+  return {target: hlo.count(f'stablehlo.custom_call @{target}(') for target in onednn.TARGETS}
+
+
+def test_vmapped_forward_and_backward_is_one_call_per_direction():
+  in_axes = IN_AXES['both batched']
+  x, w, dy = _trial_operands((4, 8, 8, 5), (3, 3, 5, 6), (1, 1), 'SAME', in_axes)
+  per_trial = lambda x, w, dy: _value_and_grads(ONEDNN, x, w, (1, 1), 'SAME', dy)
+  hlo = jax.jit(jax.vmap(per_trial)).lower(x, w, dy).as_text()
+  assert _custom_calls(hlo) == dict.fromkeys(onednn.TARGETS, 1)
+  # Not one call looped over the trials either (vmap_method='sequential' lowers to a while).
+  assert 'stablehlo.while' not in hlo
+  assert f'tensor<{TRIALS}x4x8x8x5xf32>' in hlo
+
+
+def test_nested_vmap_and_its_summed_gradients_match_lax():
+  # Outer vmap: 2 batches of images over one set of trials; inner: 3 trials' kernels.
+  x = jax.random.normal(jax.random.key(2), (2, 4, 8, 8, 3))
+  w = jax.random.normal(jax.random.key(3), (TRIALS, 3, 3, 3, 4))
+
+  def grads(conv):
+    def loss(x, w):
+      y = conv(x, w, (1, 1), 'SAME', dimension_numbers=NHWC)
+      return jnp.sum(jnp.sin(y))
+
+    nested = jax.vmap(jax.vmap(loss, in_axes=(None, 0)), in_axes=(0, None))
+    return jax.jit(jax.grad(lambda x, w: jnp.sum(nested(x, w)), argnums=(0, 1)))
+
+  got = grads(ONEDNN)(x, w)
+  for g, r in zip(got, grads(_reference)(x, w), strict=True):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
+  hlo = grads(ONEDNN).lower(x, w).as_text()
+  assert _custom_calls(hlo) == dict.fromkeys(onednn.TARGETS, 1)
+
+
+def test_vmap_inside_shard_map_matches_lax():
+  mesh = jax.make_mesh((2,), ('data',), devices=jax.devices()[:2])
+  x = jax.random.normal(jax.random.key(4), (TRIALS, 4, 8, 8, 3))
+  w = jax.random.normal(jax.random.key(5), (TRIALS, 3, 3, 3, 4))
+  x = jax.device_put(x, jax.sharding.NamedSharding(mesh, P(None, 'data')))
+
+  def grad_fn(conv):
+    def per_device(x, w):
+      loss = lambda x, w: jnp.sum(conv(x, w, (2, 2), 'SAME', dimension_numbers=NHWC) ** 2)
+      return jax.vmap(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+    specs = (P(None, 'data'), P())
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=specs))
+
+  for got, want in zip(grad_fn(ONEDNN)(x, w), grad_fn(_reference)(x, w), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  hlo = grad_fn(ONEDNN).lower(x, w).as_text()
+  assert _custom_calls(hlo) == dict.fromkeys(onednn.TARGETS, 1)
+
+
+def test_vmapped_lenet_matches_xla_convolutions(monkeypatch):
+  net = models.get_model('lenet', 10)
+  x = jax.random.normal(jax.random.key(6), (TRIALS, 2, 16, 16, 3))
+  # Random parameters of each leaf's shape at 1/sqrt(fan-in) (compiling net.init takes longer).
+  rng = np.random.default_rng(7)
+  variables = jax.tree.map(
+    lambda s: jnp.asarray(
+      rng.normal(size=(TRIALS, *s.shape)) / np.sqrt(np.prod(s.shape[:-1])), s.dtype
+    ),
+    jax.eval_shape(lambda: net.init(jax.random.key(7), x[0], train=False)),
+  )
+
+  def value_and_grad(variables, x):
+    loss = lambda variables: jnp.sum(jnp.sin(net.apply(variables, x)))
+    return jax.value_and_grad(loss)(variables)
+
+  def calls(fn, *args):
+    hlo = fn.lower(*args).as_text()
+    assert 'stablehlo.while' not in hlo
+    return _custom_calls(hlo)
+
+  # R trials make as many oneDNN calls as one trial does. (Each jit is a new function: the
+  # convolution is chosen when the model is traced.)
+  single = calls(jax.jit(value_and_grad), jax.tree.map(lambda v: v[0], variables), x[0])
+  assert single['aul_onednn_conv_forward'] > 0
+  trials = jax.jit(jax.vmap(value_and_grad))
+  assert calls(trials, variables, x) == single
+  got = trials(variables, x)
+  monkeypatch.setattr(layers, 'fast_conv_general_dilated', lambda: None)  # lax's convolutions
+  xla = jax.jit(jax.vmap(value_and_grad))
+  assert set(calls(xla, variables, x).values()) == {0}
+  want = xla(variables, x)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)

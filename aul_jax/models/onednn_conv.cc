@@ -5,6 +5,15 @@
 // NHWC, the layout JAX already uses, so no activation is ever transposed; only the (small)
 // kernel is reordered into the blocked layout oneDNN's JIT kernels want. Built and loaded by
 // aul_jax/models/onednn.py.
+//
+// Under jax.vmap (vmap_method='expand_dims') every operand comes with the same number of
+// leading "trial" dimensions in front of NHWC/HWIO, each either 1 (the operand is shared by
+// all trials) or the result's. One call then runs all trials: as one convolution over the
+// stacked batch when the kernel is shared, else as one convolution per trial, in place.
+// Running R trials as one grouped convolution instead (groups = R, the activations reordered
+// to and from trial-interleaved NHW(R*C) around it) was 1.1-1.4x slower for ResNet-20's layers
+// at R = 2-8, the reorders costing more than grouping saved (commit 7510a3d has it;
+// benchmarks/conv_layers.py, docs/benchmarks.md section 2g).
 
 #include <cstdint>
 #include <cstdlib>
@@ -14,8 +23,9 @@
 #include <optional>
 #include <string>
 #include <tuple>
-#include <utility>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -138,7 +148,8 @@ class Buffer {
 
 using Dims = ffi::AnyBuffer::Dimensions;
 
-// Fills `shape` from the input (or its gradient), kernel and output (or its gradient) shapes.
+// Fills `shape` from the per-trial input (or its gradient), kernel and output (or its
+// gradient) shapes.
 ffi::Error MakeShape(ffi::DataType dtype, Dims x, Dims w, Dims y, ffi::Span<const int64_t> strides,
                      ffi::Span<const int64_t> padding, ConvShape& shape) {
   if (x.size() != 4 || w.size() != 4 || y.size() != 4 || strides.size() != 2 ||
@@ -193,9 +204,62 @@ ffi::Error Guarded(F&& f) {
 
 enum class Direction { kForward, kInputGrad, kWeightGrad };
 
+// x, w and y (or their gradients) of one trial.
+struct Operands {
+  char* x;
+  char* w;
+  char* y;
+};
+
+// Runs one convolution of `shape` in `kDirection`.
+template <Direction kDirection>
+void Run(const ConvShape& shape, const Operands& at) {
+  const auto& p = Primitives(shape);
+  auto& engine = Engine();
+  memory x(shape.src(), engine, at.x);
+  memory y(shape.dst(), engine, at.y);
+  switch (kDirection) {
+    case Direction::kForward:
+      Execute(*p.forward, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DST, y}}, shape, at.w);
+      break;
+    case Direction::kInputGrad:
+      Execute(*p.input_grad, {{DNNL_ARG_DIFF_DST, y}, {DNNL_ARG_DIFF_SRC, x}}, shape, at.w);
+      break;
+    case Direction::kWeightGrad:
+      Execute(*p.weight_grad, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, y}}, shape, at.w);
+      break;
+  }
+}
+
+// Byte offset of each trial of an operand whose leading dimensions are `dims`, each 1 (shared
+// by all trials) or the result's `trials`; `size` is the bytes of one trial.
+std::vector<int64_t> TrialOffsets(Dims dims, Dims trials, int64_t size) {
+  int64_t count = 1;
+  for (int64_t t : trials) count *= t;
+  std::vector<int64_t> offsets(count, 0);
+  int64_t stride = size;  // bytes between consecutive indices of leading dimension d
+  int64_t period = 1;     // trials between consecutive indices of leading dimension d
+  for (size_t d = trials.size(); d-- > 0;) {
+    if (dims[d] != 1) {
+      for (int64_t i = 0; i < count; ++i) offsets[i] += (i / period) % trials[d] * stride;
+      stride *= dims[d];
+    }
+    period *= trials[d];
+  }
+  return offsets;
+}
+
+// Whether every leading dimension is `size`'s (1: the operand is shared by all trials).
+bool AllOf(Dims leading, Dims size) {
+  for (size_t d = 0; d < leading.size(); ++d) {
+    if (leading[d] != size[d]) return false;
+  }
+  return true;
+}
+
 // One handler for the three directions: out = forward(x, w), input_grad(dy, w) or
 // weight_grad(x, dy). The convolution's shape is read off whichever buffers are x, w and y
-// (or their gradients, which have their shapes).
+// (or their gradients, which have their shapes), less their leading trial dimensions.
 template <Direction kDirection>
 ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
@@ -206,27 +270,58 @@ ffi::Error ConvImpl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
     ffi::AnyBuffer& y = kDirection == Direction::kForward ? result
                         : kDirection == Direction::kInputGrad ? a
                                                               : b;
+    const size_t rank = result.dimensions().size();
+    if (rank < 4 || a.dimensions().size() != rank || b.dimensions().size() != rank) {
+      return ffi::Error::InvalidArgument(
+          "oneDNN convolution: expected NHWC, HWIO, NHWC ranks after one common number of "
+          "leading trial dimensions");
+    }
+    const size_t k = rank - 4;
+    const Dims trials = result.dimensions().first(k);
+    for (const ffi::AnyBuffer* operand : {&a, &b}) {
+      for (size_t d = 0; d < k; ++d) {
+        const int64_t size = operand->dimensions()[d];
+        if (size != 1 && size != trials[d]) {
+          return ffi::Error::InvalidArgument(
+              "oneDNN convolution: an operand's leading trial dimension is neither 1 nor the "
+              "result's");
+        }
+      }
+    }
     ConvShape shape;
-    ffi::Error error = MakeShape(a.element_type(), x.dimensions(), w.dimensions(),
-                                 y.dimensions(), strides, padding, shape);
+    ffi::Error error = MakeShape(a.element_type(), x.dimensions().last(4),
+                                 w.dimensions().last(4), y.dimensions().last(4), strides, padding,
+                                 shape);
     if (error.failure()) return error;
-    const auto& p = Primitives(shape);
-    auto& engine = Engine();
-    memory x_memory(shape.src(), engine, x.untyped_data());
-    memory y_memory(shape.dst(), engine, y.untyped_data());
-    switch (kDirection) {
-      case Direction::kForward:
-        Execute(*p.forward, {{DNNL_ARG_SRC, x_memory}, {DNNL_ARG_DST, y_memory}}, shape,
-                w.untyped_data());
-        break;
-      case Direction::kInputGrad:
-        Execute(*p.input_grad, {{DNNL_ARG_DIFF_DST, y_memory}, {DNNL_ARG_DIFF_SRC, x_memory}},
-                shape, w.untyped_data());
-        break;
-      case Direction::kWeightGrad:
-        Execute(*p.weight_grad, {{DNNL_ARG_SRC, x_memory}, {DNNL_ARG_DIFF_DST, y_memory}}, shape,
-                w.untyped_data());
-        break;
+    char* x_data = static_cast<char*>(x.untyped_data());
+    char* w_data = static_cast<char*>(w.untyped_data());
+    char* y_data = static_cast<char*>(y.untyped_data());
+    int64_t count = 1;
+    for (int64_t t : trials) count *= t;
+    const std::vector<int64_t> ones(k, 1);
+    const bool w_shared = AllOf(w.dimensions().first(k), ones);
+    const bool xy_stacked =
+        AllOf(x.dimensions().first(k), trials) && AllOf(y.dimensions().first(k), trials);
+    if (count == 0) {
+      // No trials (vmap over an empty axis): nothing to compute.
+    } else if (count == 1) {
+      Run<kDirection>(shape, {x_data, w_data, y_data});
+    } else if (kDirection != Direction::kWeightGrad && w_shared && xy_stacked) {
+      // One kernel for all trials: one convolution of the trials' batches stacked.
+      shape.n *= count;
+      Run<kDirection>(shape, {x_data, w_data, y_data});
+    } else {
+      const int64_t bytes = ffi::ByteWidth(a.element_type());
+      const auto x_offsets =
+          TrialOffsets(x.dimensions().first(k), trials, bytes * shape.n * shape.h * shape.w * shape.c);
+      const auto w_offsets = TrialOffsets(w.dimensions().first(k), trials,
+                                          bytes * shape.kh * shape.kw * shape.c * shape.o);
+      const auto y_offsets = TrialOffsets(y.dimensions().first(k), trials,
+                                          bytes * shape.n * shape.ho * shape.wo * shape.o);
+      for (int64_t i = 0; i < count; ++i) {
+        Run<kDirection>(shape,
+                        {x_data + x_offsets[i], w_data + w_offsets[i], y_data + y_offsets[i]});
+      }
     }
     return ffi::Error::Success();
   });
