@@ -52,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
       'weight_decay': 1e-4,
       'lr_drop_fractions': (),
       'lr_drop_factor': 0.1,
+      'warmup_epochs': 0.0,  # Linear learning-rate warm-up (train.make_optimizer).
+      'clip_grad_norm': 0.0,  # > 0: clip each step's gradient to this global norm.
       'record_history': False,  # Keep each epoch's per-example loss: (N, T) on the device.
       'history_dtype': 'float32',
     }
@@ -62,8 +64,17 @@ def base_config() -> ml_collections.ConfigDict:
   # measured best across uniform and pair-flip noise (docs/detection.md).
   # Rule 'threshold' (Pleiss et al.'s threshold samples on the AUM) trains threshold_runs
   # more networks, each with a disjoint N/(K+1) of the examples moved to a fake class.
+  # rounds=2 trains the detection network(s) once more from scratch, with the examples the
+  # first round flagged left out of the loss (still measured), and judges that second run:
+  # the suspects are then measured out of sample, by a network that did not fit them.
   config.detector = ml_collections.ConfigDict(
-    {'statistic': 'aum', 'rule': 'sign', 'threshold_runs': 2, 'threshold_percentile': 99.0}
+    {
+      'statistic': 'aum',
+      'rule': 'sign',
+      'rounds': 1,
+      'threshold_runs': 2,
+      'threshold_percentile': 99.0,
+    }
   )
   # Retraining from scratch (Section 5): 300 epochs, LR 0.1 dropped 10x at 150 and 225.
   config.retrain = ml_collections.ConfigDict(
@@ -75,6 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
       'weight_decay': 1e-4,
       'lr_drop_fractions': (0.5, 0.75),  # Of retrain.epochs: 150 and 225 of 300.
       'lr_drop_factor': 0.1,
+      'warmup_epochs': 0.0,
+      'clip_grad_norm': 0.0,
       'reed_beta': 0.8,  # reed_hard: weight of the given label in the bootstrapped target.
       'coteaching_forget_rate': -1.0,  # < 0: the injected noise rate, as Han et al. assume.
       'coteaching_gradual_fraction': 0.05,  # The forget rate ramps up over 10 of 200 epochs.
@@ -161,6 +174,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
 def _validate_detector(detector) -> None:
   _require(
+    checks.is_int(detector.rounds) and detector.rounds in (1, 2),
+    f'detector.rounds={detector.rounds!r}; expected 1 or 2',
+  )
+  _require(
+    not (detector.rounds == 2 and detector.rule == 'threshold'),
+    'detector.rounds=2 with rule threshold: the threshold-sample runs are the extra runs of '
+    'that rule; set detector.rounds=1 or pick another rule',
+  )
+  _require(
     checks.is_int(detector.threshold_runs) and detector.threshold_runs >= 2,
     f'detector.threshold_runs={detector.threshold_runs!r}; expected an integer >= 2 (each '
     'example must keep its label in at least one run)',
@@ -225,6 +247,11 @@ def _validate_recipe(recipe, name: str, num_devices: int, min_epochs: int) -> No
     _is_finite_number(recipe.lr_drop_factor) and 0 < recipe.lr_drop_factor <= 1,
     f'{name}.lr_drop_factor={recipe.lr_drop_factor!r}; expected a number in (0, 1]',
   )
+  for field in ('warmup_epochs', 'clip_grad_norm'):
+    _require(
+      _is_finite_number(recipe[field]) and recipe[field] >= 0,
+      f'{name}.{field}={recipe[field]!r}; expected a finite number >= 0 (0 = off)',
+    )
   fractions = tuple(recipe.lr_drop_fractions)
   _require(
     all(_is_finite_number(f) and 0 < f < 1 for f in fractions),

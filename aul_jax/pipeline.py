@@ -77,11 +77,27 @@ class Dynamics:
 
 @dataclasses.dataclass(frozen=True)
 class Detection:
-  """Step 2's result: the configured detector's verdict and the paper's, on the dynamics."""
+  """Step 2's result: the configured detector's verdict and the paper's, on the dynamics.
 
-  dynamics: Dynamics
+  With detector.rounds = 2 the verdict is round 2's, whose network left out the examples
+  that round 1 (`first_round`) flagged; the paper's verdict is always on round 1's AUL run,
+  which trained on every example as the paper's does.
+  """
+
+  dynamics: Dynamics  # Of the round the verdict judges.
   verdict: detectors.Verdict
   paper: detectors.Verdict  # The AUL and one mixture (Section 4.1), whichever detector ran.
+  first_round: 'Detection | None' = None
+
+  @property
+  def aul_run(self) -> Dynamics:
+    """The dynamics of the run on every example: the paper's AUL run, which figures show."""
+    return self.dynamics if self.first_round is None else self.first_round.dynamics
+
+  @property
+  def left_out_N(self) -> np.ndarray | None:
+    """(N,) bool: the examples round 2 left out of its loss, or None for one round."""
+    return None if self.first_round is None else self.first_round.verdict.p_mislabeled_N > 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +169,9 @@ def run(
     if config.method == 'aul':
       dynamics = train_for_dynamics(config, dataset, noisy, mesh, saved, progress)
       detection = detect(config, dynamics, noisy, dataset.num_classes)
+      if config.detector.rounds == 2:
+        dynamics = train_without_suspects(config, dataset, noisy, detection, mesh, saved, progress)
+        detection = detect(config, dynamics, noisy, dataset.num_classes, first_round=detection)
     final_error = retrain_from_scratch(config, dataset, noisy, detection, mesh, saved, progress)
   summary = write_outputs(config, workdir, dataset, noisy, detection, final_error, mesh, start)
   log(
@@ -278,6 +297,8 @@ def plan_stages(config) -> list[tuple[str, int]]:
     stages.append(('aul', config.aul.epochs))
     if _threshold_runs(config):
       stages.append(('threshold', config.aul.epochs))
+    if config.detector.rounds == 2:
+      stages.append(('round2', config.aul.epochs))
   if config.retrain.epochs > 0:
     stages.append(('retrain', config.retrain.epochs))
   return stages
@@ -301,21 +322,51 @@ def train_for_dynamics(config, dataset, noisy: NoisyLabels, mesh, saved, progres
     history_dtype=config.aul.history_dtype if config.aul.record_history else None,
     truth_N=noisy.truth,
   )
+  dynamics = _dynamics(config, job, dataset, mesh, saved, progress)
+  if not _threshold_runs(config):
+    return dynamics
+  extra = _threshold_statistics(config, dataset, noisy, mesh, saved, progress)
+  return dataclasses.replace(dynamics, extra=extra)
+
+
+def train_without_suspects(
+  config, dataset, noisy: NoisyLabels, first: Detection, mesh, saved, progress
+) -> Dynamics:
+  """Round 2 of step 1: the detection network(s) trained again from scratch, with the
+  examples round 1 flagged at weight 0. They are still measured every epoch, so their
+  statistics are out of sample, while the rest are measured by a network that fitted
+  fewer noisy labels than round 1's."""
+  suspects_N = first.verdict.p_mislabeled_N > 0.5
+  progress.log(f'round 2: training without the {int(suspects_N.sum())} examples round 1 flagged')
+  job = Job(
+    stage='round2',
+    recipe=config.aul,
+    labels_N=noisy.labels,
+    weights_N=(~suspects_N).astype(np.float32),
+    key=train.over_trials(lambda key: jax.random.fold_in(key, 2), config.trials > 1)(
+      trial_keys(config.seed, config.trials)
+    ),
+    num_classes=dataset.num_classes,
+    truth_N=noisy.truth,
+  )
+  return _dynamics(config, job, dataset, mesh, saved, progress)
+
+
+def _dynamics(config, job: Job, dataset, mesh, saved, progress) -> Dynamics:
+  """A detection stage's Dynamics: its artifact, trained now or read back, with the trial
+  means as the statistics and each trial's own beside them."""
   results = _stage_results(
     saved, job, lambda: _dynamics_results(config, job, dataset, mesh, saved, progress)
   )
-  extra = {}
-  if _threshold_runs(config):
-    extra = _threshold_statistics(config, dataset, noisy, mesh, saved, progress)
   statistics = {k.removeprefix('stat_'): v for k, v in results.items() if k.startswith('stat_')}
   history, errors = results.get('history_NxT'), results['test_error']
   if not job.trials:
-    return Dynamics(statistics, history, _optional(errors), extra)
+    return Dynamics(statistics, history, _optional(errors), extra={})
   return Dynamics(
     statistics={name: value.mean(axis=0) for name, value in statistics.items()},
     history_NxT=None if history is None else history.mean(axis=0),
     test_error=_optional(np.mean(errors)),
-    extra=extra,
+    extra={},
     trial_statistics=statistics,
     trial_history_RxNxT=history,
     trial_test_errors=[_optional(e) for e in errors],
@@ -426,6 +477,8 @@ def train_network(config, job: Job, dataset, mesh, saved, progress) -> TrainedNe
     steps_per_epoch=retrain.steps_per_epoch(num_examples, recipe.batch_size),
     lr_drop_epochs=retrain.lr_drop_epochs(recipe.epochs, recipe.lr_drop_fractions),
     lr_drop_factor=recipe.lr_drop_factor,
+    warmup_epochs=recipe.warmup_epochs,
+    clip_grad_norm=recipe.clip_grad_norm,
   )
   keys = train.over_trials(jax.random.split, trials)(job.key)
   init_key, train_key = keys[..., 0], keys[..., 1]
@@ -502,9 +555,16 @@ def test_errors(config, network: TrainedNetwork, dataset: data.Dataset, mesh) ->
 # --------------------------------------------------------------------------- step 2: detector
 
 
-def detect(config, dynamics: Dynamics, noisy: NoisyLabels, num_classes: int) -> Detection:
+def detect(
+  config,
+  dynamics: Dynamics,
+  noisy: NoisyLabels,
+  num_classes: int,
+  first_round: Detection | None = None,
+) -> Detection:
   """Step 2: the configured detector on the dynamics, and the paper's (the AUL and one
-  mixture), which the figures show and the summary reports beside it."""
+  mixture, on the AUL run of round 1), which the figures show and the summary reports
+  beside it."""
   verdict = detectors.detect(
     {**dynamics.statistics, **dynamics.extra},
     noisy.labels,
@@ -514,8 +574,11 @@ def detect(config, dynamics: Dynamics, noisy: NoisyLabels, num_classes: int) -> 
     threshold_percentile=config.detector.threshold_percentile,
     mixture=config.gmm,
   )
-  paper = detectors.global_mixture(dynamics.statistics['aul'], **config.gmm)
-  return Detection(dynamics, train.to_host(verdict), train.to_host(paper))
+  if first_round is None:
+    paper = train.to_host(detectors.global_mixture(dynamics.statistics['aul'], **config.gmm))
+  else:
+    paper = first_round.paper
+  return Detection(dynamics, train.to_host(verdict), paper, first_round)
 
 
 # ------------------------------------------------------------------------- step 3: retraining
@@ -566,9 +629,9 @@ def write_outputs(
   }
   statistics = verdict = paper = history = None
   if detection is not None:
-    statistics, verdict, paper = detection.dynamics.statistics, detection.verdict, detection.paper
-    history = detection.dynamics.history_NxT
-    fields['aul_model_test_error'] = detection.dynamics.test_error
+    statistics, verdict, paper = detection.aul_run.statistics, detection.verdict, detection.paper
+    history = detection.aul_run.history_NxT
+    fields['aul_model_test_error'] = detection.aul_run.test_error
   scores, summary, tables = report.assemble(
     num_examples=len(noisy.labels),
     labels_N=noisy.labels,
@@ -580,9 +643,18 @@ def write_outputs(
     is_mislabeled_N=noisy.truth,
     **fields,
   )
+  if detection is not None and detection.first_round is not None:
+    # The AUL run's statistics are the columns the paper's figures and mixture read; the
+    # second round's, which the detector judged, come beside them.
+    scores['left_out'] = detection.left_out_N
+    scores.update({f'round2_{k}': v for k, v in detection.dynamics.statistics.items()})
+    summary['rounds'] = [
+      report.round_summary(d.verdict, noisy.truth, test_error=d.dynamics.test_error)
+      for d in (detection.first_round, detection)
+    ]
   arrays = {}
-  if detection is not None and detection.dynamics.trial_statistics is not None:
-    dynamics = detection.dynamics
+  if detection is not None and detection.aul_run.trial_statistics is not None:
+    dynamics = detection.aul_run
     tables.update(report.trial_tables(dynamics.trial_statistics))
     summary['trials'] = report.trials_summary(
       dynamics.trial_statistics, dynamics.trial_test_errors, noisy.truth
@@ -616,7 +688,11 @@ def write_outputs(
 
 def _detector_summary(config) -> dict:
   """summary.json's 'detector': the statistic and rule, and the threshold rule's settings."""
-  detector = {'statistic': config.detector.statistic, 'rule': config.detector.rule}
+  detector = {
+    'statistic': config.detector.statistic,
+    'rule': config.detector.rule,
+    'rounds': config.detector.rounds,
+  }
   if config.detector.rule == 'threshold':
     detector.update(
       threshold_runs=config.detector.threshold_runs,

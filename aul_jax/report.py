@@ -22,25 +22,40 @@ def detection_columns(
   p_mislabeled_N: np.ndarray,
   score_N: np.ndarray | None = None,
   statistics: dict[str, np.ndarray] | None = None,
+  hard: bool = False,
 ) -> dict[str, np.ndarray]:
   """scores.csv columns: the AUL, the other training dynamics (if given), the detector's
   score (default: the AUL), p(mislabeled), the flag, and cleanlab's names for them.
 
-  `label_issue` and `label_quality` (= 1 - p_mislabeled) are what cleanlab's reporting
-  expects from `find_label_issues` and its label-quality scores.
+  `label_issue` and `label_quality` are what cleanlab's reporting expects from
+  `find_label_issues` and its label-quality scores. label_quality is 1 - p_mislabeled, or,
+  for a `hard` rule whose p_mislabeled is the 0/1 flag, `hard_rule_quality` of the score.
   """
   p_N = np.asarray(p_mislabeled_N, np.float64)
+  score_N = np.asarray(aul_N if score_N is None else score_N, np.float64)
   flagged_N = p_N > 0.5
   others = {k: np.asarray(v, np.float64) for k, v in (statistics or {}).items() if k != 'aul'}
   return {
     'aul': np.asarray(aul_N, np.float64),
     **others,
-    'score': np.asarray(aul_N if score_N is None else score_N, np.float64),
+    'score': score_N,
     'p_mislabeled': p_N,
     'flagged': flagged_N,
     'label_issue': flagged_N,
-    'label_quality': 1.0 - p_N,
+    'label_quality': hard_rule_quality(score_N) if hard else 1.0 - p_N,
   }
+
+
+def hard_rule_quality(score_N: np.ndarray) -> np.ndarray:
+  """A continuous label quality for a rule that flags score > 0 (sign, threshold): the
+  logistic of -score in units of the scores' standard deviation. It ranks as the score
+  does and is below 0.5 exactly for the flagged examples; it is not a calibrated
+  probability. NaN scores (never judged) get quality 1."""
+  score_N = np.asarray(score_N, np.float64)
+  finite = np.isfinite(score_N)
+  spread = float(np.std(score_N[finite])) if finite.any() else 0.0
+  z_N = np.where(finite, score_N, -np.inf) / (spread if spread > 0 else 1.0)
+  return 0.5 * (1.0 - np.tanh(z_N / 2))  # = sigmoid(-z), without overflow.
 
 
 def detection_summary(
@@ -109,7 +124,11 @@ def assemble(
   tables = {}
   if verdict is not None:
     columns = detection_columns(
-      statistics['aul'], verdict.p_mislabeled_N, verdict.score_N, statistics
+      statistics['aul'],
+      verdict.p_mislabeled_N,
+      verdict.score_N,
+      statistics,
+      hard=verdict.mixture is None,
     )
     scores.update(columns)
     summary.update(
@@ -186,14 +205,25 @@ def trial_tables(trial_statistics: Mapping[str, np.ndarray]) -> dict[str, dict]:
 
 
 def ranked_issues(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Every example, most likely mislabeled first (ties by index): ranked_issues.csv."""
-  order = np.lexsort((np.arange(len(columns['p_mislabeled'])), -columns['p_mislabeled']))
+  """Every example, lowest label quality (most likely mislabeled) first, ties by index:
+  ranked_issues.csv."""
+  quality_N = columns['label_quality']
+  order = np.lexsort((np.arange(len(quality_N)), quality_N))
   return {
     'rank': np.arange(len(order)),
     'index': order,
     'p_mislabeled': columns['p_mislabeled'][order],
+    'label_quality': quality_N[order],
     'label_issue': columns['label_issue'][order],
   }
+
+
+def round_summary(verdict: detectors.Verdict, is_mislabeled_N=None, **fields) -> dict:
+  """One detection round's entry in summary.json's 'rounds': its noise estimate, flags,
+  and with the truth how well it flags; `fields` (e.g. its network's test error) beside."""
+  columns = {'score': verdict.score_N, 'flagged': np.asarray(verdict.p_mislabeled_N) > 0.5}
+  summary = detection_summary(verdict.noise_estimate, verdict.mixture, columns, is_mislabeled_N)
+  return {**summary, **fields}
 
 
 def as_pred_probs(labels_N: np.ndarray, label_quality_N: np.ndarray, num_classes: int):
