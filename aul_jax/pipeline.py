@@ -338,9 +338,12 @@ def train_without_suspects(
   fewer noisy labels than round 1's."""
   suspects_N = first.verdict.p_mislabeled_N > 0.5
   progress.log(f'round 2: training without the {int(suspects_N.sum())} examples round 1 flagged')
+  recipe = ml_collections.ConfigDict(config.aul.to_dict())
+  if config.detector.round2_clip_grad_norm > 0:
+    recipe.clip_grad_norm = config.detector.round2_clip_grad_norm
   job = Job(
     stage='round2',
-    recipe=config.aul,
+    recipe=recipe,
     labels_N=noisy.labels,
     weights_N=(~suspects_N).astype(np.float32),
     key=train.over_trials(lambda key: jax.random.fold_in(key, 2), config.trials > 1)(

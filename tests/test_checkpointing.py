@@ -20,6 +20,9 @@ def _config(method='aul'):
   config.aul.epochs = 4
   config.retrain.epochs = 4
   config.checkpoint.every_epochs = 2
+  # One detection round: these tests are about the stages' checkpoints, and a second round
+  # adds one more stage of the same kind (tests/test_rounds.py resumes inside it).
+  config.detector.rounds = 1
   return config
 
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from aul_jax import pipeline
+from aul_jax import pipeline, report
 from aul_jax.errors import UserInputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,11 +51,12 @@ def digits_run(tmp_path_factory):
 
 
 def test_digits_detects_uniform_noise(digits_run):
-  # The default detector (a negative AUM), measured over noise/training seeds 0-2 by
-  # benchmarks/detection.py (docs/detection.md): AUROC 0.998, noise estimate 0.409,
-  # precision 0.962, recall 0.985, F1 0.973 (the paper's AUL: 0.997, 0.433, 0.930, 0.990).
+  # The default detector (a negative AUM, two rounds). One round, over noise/training seeds
+  # 0-2 (benchmarks/detection.py, docs/detection.md): AUROC 0.998, noise estimate 0.409,
+  # precision 0.962, recall 0.985, F1 0.973 (the paper's AUL: 0.997, 0.433, 0.930, 0.990);
+  # the second round, seed 0: AUROC 0.999, estimate 0.404, F1 0.984.
   summary, _ = digits_run
-  assert summary['detector'] == {'statistic': 'aum', 'rule': 'sign'}
+  assert summary['detector'] == {'statistic': 'aum', 'rule': 'sign', 'rounds': 2}
   assert summary['true_noise_rate'] == pytest.approx(0.4, abs=1e-3)
   assert summary['auroc'] >= 0.99
   assert abs(summary['noise_estimate'] - 0.4) <= 0.03
@@ -69,27 +70,33 @@ def test_digits_outputs_are_consistent(digits_run):
   scores = np.genfromtxt(
     os.path.join(workdir, 'scores.csv'), delimiter=',', names=True, dtype=None, encoding='utf-8'
   )
-  assert scores.dtype.names == (*SCORES_COLUMNS, 'true_label', 'is_mislabeled')
+  round2 = tuple(f'round2_{name}' for name in SCORES_COLUMNS[2:10])
+  assert scores.dtype.names == (*SCORES_COLUMNS, 'true_label', 'is_mislabeled', 'left_out', *round2)
   assert len(scores) == summary['n_train'] == 1437
   np.testing.assert_array_equal(scores['index'], np.arange(1437))
-  np.testing.assert_array_equal(scores['score'], -scores['aum'])  # The default detector's.
+  np.testing.assert_array_equal(scores['score'], -scores['round2_aum'])  # The default's.
   assert ((scores['forgetting_events'] >= 0) & (scores['forgetting_events'] <= 19)).all()
   assert ((scores['correctness'] >= 0) & (scores['correctness'] <= 1)).all()
   assert ((scores['variability'] >= 0) & (scores['variability'] <= 0.5)).all()
   np.testing.assert_array_equal(scores['never_learned'], scores['correctness'] == 0)
   np.testing.assert_array_equal(scores['flagged'], scores['p_mislabeled'] > 0.5)
   np.testing.assert_array_equal(scores['label_issue'], scores['flagged'])
-  np.testing.assert_allclose(scores['label_quality'], 1 - scores['p_mislabeled'])
+  # The sign rule's p(mislabeled) is the flag; its label quality ranks as the score does.
+  np.testing.assert_allclose(scores['label_quality'], report.hard_rule_quality(scores['score']))
   ranked = np.genfromtxt(os.path.join(workdir, 'ranked_issues.csv'), delimiter=',', names=True)
+  assert (np.diff(ranked['label_quality']) >= 0).all()
   assert (np.diff(ranked['p_mislabeled']) <= 0).all()
   assert sorted(ranked['index']) == list(range(1437))
   for figure in ('aul_histogram', 'loss_aul_histograms', 'auroc_per_epoch', 'top_aul_images'):
     assert os.path.getsize(os.path.join(workdir, f'{figure}.png')) > 1000
   assert summary['n_flagged'] == int(scores['flagged'].sum())
   assert np.mean(scores['label'] != scores['true_label']) == pytest.approx(0.4, abs=1e-3)
-  # The default rule flags a negative AUM; the estimate is the flagged fraction.
+  # The default rule flags a negative AUM of round 2, whose network left out round 1's flags;
+  # the estimate is the flagged fraction.
   assert 'gmm' not in summary
-  np.testing.assert_array_equal(scores['flagged'], scores['aum'] < 0)
+  np.testing.assert_array_equal(scores['flagged'], scores['round2_aum'] < 0)
+  np.testing.assert_array_equal(scores['left_out'], scores['aum'] < 0)
+  assert [r['noise_estimate'] for r in summary['rounds']][1] == summary['noise_estimate']
   assert summary['noise_estimate'] == pytest.approx(scores['flagged'].mean())
   history = np.load(os.path.join(workdir, 'aul_history.npy'))
   assert history.shape == (1437, 20)
@@ -111,6 +118,7 @@ def test_golden_aul_values(tmp_path):
   config.aul.epochs = 2
   config.aul.record_history = False
   config.num_devices = 1
+  config.detector.rounds = 1  # The AUL column is the first round's: a second adds nothing.
   pipeline.run(config, str(tmp_path), log=lambda _: None)
   aul = np.genfromtxt(tmp_path / 'scores.csv', delimiter=',', names=True)['aul'][:5]
   golden = np.array(GOLDEN)
@@ -124,9 +132,10 @@ def test_class_conditional_detector_on_the_paper_statistic(tmp_path):
   config.noise.kind = 'pair_flip'
   config.num_devices = 1
   config.detector.statistic, config.detector.rule = 'aul', 'class_gmm'
+  config.detector.rounds = 1
   summary = pipeline.run(config, str(tmp_path), log=lambda _: None)
   scores = np.genfromtxt(tmp_path / 'scores.csv', delimiter=',', names=True)
-  assert summary['detector'] == {'statistic': 'aul', 'rule': 'class_gmm'}
+  assert summary['detector'] == {'statistic': 'aul', 'rule': 'class_gmm', 'rounds': 1}
   np.testing.assert_array_equal(scores['score'], scores['aul'])
   weights = np.array(summary['gmm']['weights'])
   assert weights.shape == (10, 2)  # One mixture per given label.

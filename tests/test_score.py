@@ -103,6 +103,9 @@ def test_cli_with_logits_and_labels(tmp_path):
     rows = list(csv.DictReader(f))
   assert {'aum', 'forgetting_events', 'confidence'} <= set(rows[0])
   assert all((r['flagged'] == 'true') == (float(r['aum']) < 0) for r in rows)
+  # The sign rule's p_mislabeled is the 0/1 flag; its label quality stays continuous.
+  assert all((float(r['label_quality']) < 0.5) == (r['flagged'] == 'true') for r in rows)
+  assert len({r['label_quality'] for r in rows}) > 40
 
 
 def test_statistics_from_logits_match_a_direct_computation():
