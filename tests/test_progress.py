@@ -71,12 +71,16 @@ def test_run_writes_tensorboard_summaries(tmp_path):
     'aul/accuracy',
     'aul/aul_auroc',
     'aul/test_error',
+    'round2/loss',
+    'round2/test_error',
     'retrain/loss',
     'retrain/test_error',
   } <= set(scalars)
   auroc = [value for _, value in scalars['aul/aul_auroc']]
   assert len(auroc) == 3 and all(0.5 < a <= 1 for a in auroc)
-  assert [step for step, _ in scalars['retrain/loss']] == [4, 5]  # Steps continue.
+  # Steps continue over the stages: aul 1-3, the second detection round 4-6, retrain 7-8.
+  assert [step for step, _ in scalars['round2/loss']] == [4, 5, 6]
+  assert [step for step, _ in scalars['retrain/loss']] == [7, 8]
 
 
 @pytest.mark.parametrize('seed', range(5))
