@@ -161,7 +161,11 @@ def aul_histogram(aul_N: Any, mixture: Any, is_mislabeled_N: Any = None) -> byte
   peak = _draw_mixture(ax, edges, weights, means, variances)
   # A near-zero variance makes a spike that would flatten the histogram; let it run off-axis.
   ax.set_ylim(0, 1.1 * max(total.max(), min(peak, 2 * total.max())))
-  title = f'AUL distribution: estimated noise {weights[1]:.1%} (GMM higher-mean weight)'
+  # This is the paper's detector, whichever detector the run used (summary.json names it).
+  title = (
+    "AUL distribution and the paper's detector (one GMM on the AUL, not the run's detector)\n"
+    f'its estimated noise {weights[1]:.1%} (higher-mean weight)'
+  )
   if truth_N is not None:
     title += f', true {truth_N.mean():.1%}'
   ax.set(title=title, xlabel='AUL (area under the loss curve)', ylabel='density')
