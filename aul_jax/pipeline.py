@@ -40,6 +40,7 @@ from aul_jax import (
 )
 from aul_jax import config as config_lib
 from aul_jax import progress as progress_lib
+from aul_jax import workdir as workdir_lib
 from aul_jax.errors import UserInputError
 
 _VERSIONED_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'scikit-learn')
@@ -149,41 +150,47 @@ def run(
   """
   start = time.time()
   mesh = check_config(config, workdir)
-  finished = finished_summary(workdir, config, force, log)
-  if finished is not None:
-    log(f'the run in {workdir} is already complete; nothing to do')
-    return finished
-  dataset = load_data(config.data)
-  noisy = inject_noise(dataset, config.noise)
-  check_against_data(config, dataset, noisy)
-  log(
-    f'{dataset.name}: {len(noisy.labels)} training examples, {dataset.num_classes} classes, '
-    f'{mesh.size} device(s); noise {config.noise.kind} at {config.noise.rate}'
-  )
-  with (
-    make_progress(config, workdir, log) as progress,
-    checkpointing.Run(workdir, config, plan_stages(config), log=progress.log, force=force) as saved,
-  ):
-    saved.start({'labels': noisy.labels, 'is_mislabeled': noisy.is_mislabeled})
-    detection = None
-    if config.method == 'aul':
-      dynamics = train_for_dynamics(config, dataset, noisy, mesh, saved, progress)
-      detection = detect(config, dynamics, noisy, dataset.num_classes)
-      if config.detector.rounds == 2:
-        dynamics = train_without_suspects(config, dataset, noisy, detection, mesh, saved, progress)
-        detection = detect(config, dynamics, noisy, dataset.num_classes, first_round=detection)
-    final_error = retrain_from_scratch(config, dataset, noisy, detection, mesh, saved, progress)
-  summary = write_outputs(config, workdir, dataset, noisy, detection, final_error, mesh, start)
-  log(
-    f'{config.method}: '
-    + ', '.join(
-      f'{k} {summary[k]:.4f}'
-      for k in ('noise_estimate', 'auroc', 'f1', 'test_error')
-      if isinstance(summary.get(k), float)
+  with workdir_lib.held(workdir, 'a training run', primary=distributed.is_primary()):
+    workdir_lib.refuse_other_kind(workdir, 'training')
+    finished = finished_summary(workdir, config, force, log)
+    if finished is not None:
+      log(f'the run in {workdir} is already complete; nothing to do')
+      return finished
+    dataset = load_data(config.data)
+    noisy = inject_noise(dataset, config.noise)
+    check_against_data(config, dataset, noisy)
+    log(
+      f'{dataset.name}: {len(noisy.labels)} training examples, {dataset.num_classes} classes, '
+      f'{mesh.size} device(s); noise {config.noise.kind} at {config.noise.rate}'
     )
-    + f'; outputs in {workdir}'
-  )
-  return summary
+    with (
+      make_progress(config, workdir, log) as progress,
+      checkpointing.Run(
+        workdir, config, plan_stages(config), log=progress.log, force=force
+      ) as saved,
+    ):
+      saved.start({'labels': noisy.labels, 'is_mislabeled': noisy.is_mislabeled})
+      detection = None
+      if config.method == 'aul':
+        dynamics = train_for_dynamics(config, dataset, noisy, mesh, saved, progress)
+        detection = detect(config, dynamics, noisy, dataset.num_classes)
+        if config.detector.rounds == 2:
+          dynamics = train_without_suspects(
+            config, dataset, noisy, detection, mesh, saved, progress
+          )
+          detection = detect(config, dynamics, noisy, dataset.num_classes, first_round=detection)
+      final_error = retrain_from_scratch(config, dataset, noisy, detection, mesh, saved, progress)
+    summary = write_outputs(config, workdir, dataset, noisy, detection, final_error, mesh, start)
+    log(
+      f'{config.method}: '
+      + ', '.join(
+        f'{k} {summary[k]:.4f}'
+        for k in ('noise_estimate', 'auroc', 'f1', 'test_error')
+        if isinstance(summary.get(k), float)
+      )
+      + f'; outputs in {workdir}'
+    )
+    return summary
 
 
 # ------------------------------------------------------------------------ checks and data

@@ -23,6 +23,7 @@ from absl import app, flags
 
 from aul_jax import checks, detectors, dynamics, figures, losses, outputs, report
 from aul_jax import config as config_lib
+from aul_jax import workdir as workdir_lib
 from aul_jax.errors import UserInputError
 
 
@@ -207,6 +208,7 @@ def score_files(
   `statistic` and `rule` default to `default_detector` of what was given.
   """
   config_lib.check_workdir(workdir)
+  workdir_lib.refuse_other_kind(workdir, 'scoring')  # Before the work; again under the lock.
   statistics = None
   if logits is None or losses is not None:
     losses_NxT, labels_N = load_losses(losses, logits, labels)  # Also refuses both at once.
@@ -229,7 +231,9 @@ def score_files(
     rule=rule,
   )
   summary['inputs'] = {'losses': losses, 'logits': logits, 'labels': labels, 'truth': truth}
-  outputs.write_run_outputs(workdir, scores, summary, None, pictures, tables)
+  with workdir_lib.held(workdir, 'a scoring run'):
+    workdir_lib.refuse_other_kind(workdir, 'scoring')
+    outputs.write_run_outputs(workdir, scores, summary, None, pictures, tables)
   return summary
 
 
