@@ -46,6 +46,11 @@ class Verdict(NamedTuple):
   noise_estimate: float
   mixture: gmm.GaussianMixture  # Sorted by mean; per-class rules stack one per class.
 
+  @property
+  def flagged_N(self) -> np.ndarray:
+    """(N,) bool: the examples the verdict flags, p(mislabeled) > 0.5."""
+    return np.asarray(self.p_mislabeled_N) > 0.5
+
 
 def statistic_names(statistic: str) -> tuple[str, ...]:
   """'aum' -> ('aum',); 'aum,confidence' -> ('aum', 'confidence'); unknown names raise."""

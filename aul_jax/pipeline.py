@@ -98,7 +98,7 @@ class Detection:
   @property
   def left_out_N(self) -> np.ndarray | None:
     """(N,) bool: the examples round 2 left out of its loss, or None for one round."""
-    return None if self.first_round is None else self.first_round.verdict.p_mislabeled_N > 0.5
+    return None if self.first_round is None else self.first_round.verdict.flagged_N
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,9 +343,9 @@ def train_without_suspects(
   examples round 1 flagged at weight 0. They are still measured every epoch, so their
   statistics are out of sample, while the rest are measured by a network that fitted
   fewer noisy labels than round 1's."""
-  suspects_N = first.verdict.p_mislabeled_N > 0.5
+  suspects_N = first.verdict.flagged_N
   progress.log(f'round 2: training without the {int(suspects_N.sum())} examples round 1 flagged')
-  recipe = ml_collections.ConfigDict(config.aul.to_dict())
+  recipe = config.aul.copy_and_resolve_references()
   if config.detector.round2_clip_grad_norm > 0:
     recipe.clip_grad_norm = config.detector.round2_clip_grad_norm
   job = Job(
@@ -353,9 +353,7 @@ def train_without_suspects(
     recipe=recipe,
     labels_N=noisy.labels,
     weights_N=(~suspects_N).astype(np.float32),
-    key=train.over_trials(lambda key: jax.random.fold_in(key, 2), config.trials > 1)(
-      trial_keys(config.seed, config.trials)
-    ),
+    key=stage_keys(config, 2),
     num_classes=dataset.num_classes,
     truth_N=noisy.truth,
   )
@@ -389,6 +387,13 @@ def trial_keys(seed: int, trials: int) -> jax.Array:
   if trials == 1:
     return jax.random.key(seed)
   return jnp.stack([jax.random.key(seed + r) for r in range(trials)])
+
+
+def stage_keys(config, stage: int) -> jax.Array:
+  """The keys of a later stage's fresh network(s): each trial's key folded with `stage`
+  (1: retraining, 2: the second detection round), so no stage repeats another's draws."""
+  fold = lambda key: jax.random.fold_in(key, stage)  # noqa: E731
+  return train.over_trials(fold, config.trials > 1)(trial_keys(config.seed, config.trials))
 
 
 def _stage_results(saved, job: Job, train_stage) -> dict[str, np.ndarray]:
@@ -607,9 +612,7 @@ def retrain_from_scratch(
     recipe=config.retrain,
     labels_N=noisy.labels,
     weights_N=retrain.example_weights(config.method, p_N, noisy.is_mislabeled),
-    key=train.over_trials(lambda key: jax.random.fold_in(key, 1), config.trials > 1)(
-      trial_keys(config.seed, config.trials)
-    ),
+    key=stage_keys(config, 1),
     num_classes=dataset.num_classes,
     method=config.method,
     method_options=retrain.method_options(config.retrain, config.noise.rate),

@@ -92,7 +92,7 @@ def paper_summary(paper: detectors.Verdict, is_mislabeled_N=None) -> dict:
     'gmm': mixture_summary(paper.mixture),
   }
   if is_mislabeled_N is not None:
-    flagged_N = np.asarray(paper.p_mislabeled_N) > 0.5
+    flagged_N = paper.flagged_N
     truth = np.asarray(is_mislabeled_N, bool)
     quality = metrics.detection_metrics(paper.score_N, flagged_N, truth)
     summary.update({k: v for k, v in quality.items() if k != 'true_noise_rate'})
@@ -221,7 +221,7 @@ def ranked_issues(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def round_summary(verdict: detectors.Verdict, is_mislabeled_N=None, **fields) -> dict:
   """One detection round's entry in summary.json's 'rounds': its noise estimate, flags,
   and with the truth how well it flags; `fields` (e.g. its network's test error) beside."""
-  columns = {'score': verdict.score_N, 'flagged': np.asarray(verdict.p_mislabeled_N) > 0.5}
+  columns = {'score': verdict.score_N, 'flagged': verdict.flagged_N}
   summary = detection_summary(verdict.noise_estimate, verdict.mixture, columns, is_mislabeled_N)
   return {**summary, **fields}
 

@@ -218,7 +218,7 @@ def ours(statistic: str, rule: str, mixture, prefix: str = 'stat_'):
     verdict = detectors.detect(
       stats, record['labels'], num_classes, statistic=statistic, rule=rule, mixture=mixture
     )
-    return verdict.score_N, verdict.p_mislabeled_N > 0.5, verdict.noise_estimate
+    return verdict.score_N, verdict.flagged_N, verdict.noise_estimate
 
   return detect
 
