@@ -5,6 +5,7 @@ modules define (models, methods, detector statistics) are checked by those modul
 them called by `pipeline.check_config` before any work starts.
 """
 
+import difflib
 import math
 import os
 
@@ -124,8 +125,44 @@ def _is_finite_number(value) -> bool:
   return checks.is_number(value) and math.isfinite(value)
 
 
+def check_fields(config, where: str = 'the config') -> None:
+  """The fields of `config` are those of `base_config()`: a missing one (a config not built
+  from it) or an unknown one (a misspelling in a config file, which would be ignored) is
+  refused, with the nearest known names."""
+  _require(
+    isinstance(config, ml_collections.ConfigDict),
+    f'{where} is a {type(config).__name__}; expected an ml_collections.ConfigDict '
+    'built from aul_jax.config.base_config()',
+  )
+  _check_fields(config, base_config(), '', where)
+
+
+def _check_fields(config, reference, prefix: str, where: str) -> None:
+  for name in reference:
+    _require(
+      name in config,
+      f'{where} lacks the field {prefix}{name}; build it from aul_jax.config.base_config()',
+    )
+  for name in config:
+    if name not in reference:
+      near = difflib.get_close_matches(name, list(reference), n=3, cutoff=0.6)
+      hint = f'did you mean {", ".join(prefix + n for n in near)}? ' if near else ''
+      raise UserInputError(
+        f'{where} has the field {prefix}{name}, which aul_jax does not read; {hint}'
+        f'({prefix.rstrip(".") or "the config"} has: {", ".join(sorted(reference))})'
+      )
+    if isinstance(reference[name], ml_collections.ConfigDict):
+      _require(
+        isinstance(config[name], ml_collections.ConfigDict),
+        f'{where}: {prefix}{name} is {config[name]!r}; expected a section with fields '
+        f'{", ".join(sorted(reference[name]))}',
+      )
+      _check_fields(config[name], reference[name], f'{prefix}{name}.', where)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises UserInputError naming the first bad field and value of `config`."""
+  check_fields(config)
   _require(
     checks.is_int(config.trials) and config.trials >= 1,
     f'trials={config.trials!r}; expected an integer >= 1',

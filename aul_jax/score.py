@@ -15,13 +15,14 @@ and then the default detector of a full run (a negative AUM; docs/detection.md).
 
 import os
 import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from aul_jax import checks, detectors, dynamics, figures, losses, outputs, report
+from aul_jax import checks, cli, detectors, dynamics, figures, losses, outputs, report
 from aul_jax import config as config_lib
 from aul_jax import workdir as workdir_lib
 from aul_jax.errors import UserInputError
@@ -30,13 +31,16 @@ from aul_jax.errors import UserInputError
 def _load_array(path: str, what: str) -> np.ndarray:
   """An .npy, .npz (single array) or .csv file as a numpy array."""
   if not os.path.isfile(path):
-    raise UserInputError(f'{what} file {path} does not exist')
+    raise UserInputError(f'{what} file {path} {checks.unreadable(path, "a file")}')
   try:
     if path.endswith('.csv'):
       return _load_csv(path)
     loaded = np.load(path, allow_pickle=False)
-  except ValueError as e:
-    raise UserInputError(f'{what} file {path} cannot be read: {e}') from None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    why = checks.unreadable(path, 'an .npy, .npz or .csv file')
+    if why.startswith('is an .npy') or why.startswith('is a zip'):
+      why = f'{why} ({e})'
+    raise UserInputError(f'{what} file {path} {why}') from None
   if isinstance(loaded, np.lib.npyio.NpzFile):
     with loaded:
       if len(loaded.files) != 1:
@@ -44,7 +48,10 @@ def _load_array(path: str, what: str) -> np.ndarray:
           f'{what} file {path} holds {len(loaded.files)} arrays ({", ".join(loaded.files)}); '
           'expected exactly one'
         )
-      return loaded[loaded.files[0]]
+      try:
+        return loaded[loaded.files[0]]
+      except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserInputError(f'{what} file {path}: its array cannot be read ({e})') from None
   return loaded
 
 
@@ -277,4 +284,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

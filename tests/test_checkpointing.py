@@ -159,7 +159,7 @@ def test_sigterm_from_outside_saves_and_exits_nonzero(tmp_path):
     '  if epoch == 2: os.kill(os.getpid(), signal.SIGTERM)\n'
     '  return orig(epoch, *a)\n'
     'launch.pipeline.train._epoch_metrics = epoch_metrics\n'
-    'app.run(launch.main)'
+    'launch.define_flags(); app.run(launch.main)'
   )
   result = subprocess.run(
     [sys.executable, '-c', script],
