@@ -5,6 +5,7 @@ so every caller reports a bad value the same way.
 """
 
 import numbers
+import os
 
 import numpy as np
 
@@ -81,3 +82,27 @@ def images(x, where: str) -> np.ndarray:
     if bad.size:
       raise UserInputError(f'{where} has NaN or inf pixels in image {bad[0]}; expected finite')
   return x if x.ndim == 4 else x[..., None]
+
+
+def unreadable(path: str, expected: str) -> str:
+  """Why `path` is not a readable `expected` ('an .npz archive'), for a one-line error:
+  missing, a directory, empty, text, a truncated .npy or zip archive, or another format."""
+  if os.path.isdir(path):
+    return f'is a directory, not {expected}'
+  if not os.path.exists(path):
+    return 'does not exist'
+  with open(path, 'rb') as f:
+    head = f.read(4096)
+  if not head:
+    return f'is empty, not {expected}'
+  if head.startswith(b'PK'):
+    return f'is a zip (.npz) archive that is truncated or damaged; expected {expected}'
+  if head.startswith(b'\x93NUMPY'):
+    return f'is an .npy array that is truncated or damaged; expected {expected}'
+  if head.startswith(b'\x80') and b'numpy' in head:
+    return f'holds pickled Python objects, which are never loaded; expected {expected}'
+  try:
+    head.decode('utf-8')
+  except UnicodeDecodeError:
+    return f'is not {expected} (an unknown binary format)'
+  return f'is a text file, not {expected}'

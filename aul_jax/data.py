@@ -110,7 +110,14 @@ def _load_npz(path: str) -> _RawArrays:
   else:
     x_test = np.zeros((0, *x_train.shape[1:]), x_train.dtype)
     y_test = np.zeros((0,), np.int32)
-  num_classes = int(max(y_train.max(), y_test.max(initial=0))) + 1
+  num_classes = int(y_train.max()) + 1
+  outside = np.flatnonzero(y_test >= num_classes)
+  if outside.size:  # It would add a class that nothing is trained on: test error 1 on it.
+    i = outside[0]
+    raise UserInputError(
+      f"data file {path}: key 'y_test' has label {y_test[i]} at index {i}, but 'y_train' has "
+      f'labels 0..{num_classes - 1} only; every test label must be a training class'
+    )
   if num_classes < 2:
     keys = "keys 'y_train' and 'y_test' hold" if len(y_test) else "key 'y_train' holds"
     raise UserInputError(f'data file {path}: {keys} only class 0; expected at least 2 classes')
@@ -137,7 +144,8 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
   except FileNotFoundError as e:
     raise UserInputError(f'data file {path}: no such file (set data.path)') from e
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    raise UserInputError(f'data file {path}: not a valid .npz archive ({e})') from e
+    why = checks.unreadable(path, 'an .npz archive (write one with np.savez)')
+    raise UserInputError(f'data file {path} {why}') from e
   if not isinstance(npz, np.lib.npyio.NpzFile):
     raise UserInputError(
       f'data file {path}: holds a single array, not an .npz archive; expected keys '

@@ -197,6 +197,10 @@ _BAD_ARRAYS = {
     {'y_train': np.array([0, 1, 2, 0, 1, 2**40])},
     ["'y_train'", f'label {2**40} at index 5', 'out of range'],
   ),
+  'test label beyond the training classes': (
+    {'y_test': np.array([0, 20, 1])},
+    ["'y_test' has label 20 at index 1", "'y_train' has labels 0..2 only"],
+  ),
   'one class': (
     {'y_train': np.zeros(6, int), 'y_test': np.zeros(3, int)},
     ["'y_train' and 'y_test' hold only class 0", 'at least 2 classes'],
@@ -226,8 +230,11 @@ def _write_bytes(tmp_path, name, payload):
   'make,expected',
   [
     (lambda tmp: str(tmp / 'absent.npz'), 'no such file'),
-    (lambda tmp: _write_bytes(tmp, 'junk.npz', b'not numpy at all'), 'not a valid .npz'),
-    (lambda tmp: _write_bytes(tmp, 'cut.npz', b'PK\x03\x04' + b'\0' * 20), 'not a valid .npz'),
+    (lambda tmp: _write_bytes(tmp, 'junk.npz', b'not numpy at all'), 'is a text file'),
+    (lambda tmp: _write_bytes(tmp, 'cut.npz', b'PK\x03\x04' + b'\0' * 20), 'truncated'),
+    (lambda tmp: _write_bytes(tmp, 'empty.npz', b''), 'is empty'),
+    (lambda tmp: _write_bytes(tmp, 'bin.npz', bytes(range(128, 256))), 'unknown binary'),
+    (lambda tmp: str(tmp), 'is a directory'),
   ],
 )
 def test_npz_rejects_unreadable_files(tmp_path, make, expected):

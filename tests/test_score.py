@@ -1,6 +1,7 @@
 """`aul_jax.score`: the detector for loss trajectories from any framework."""
 
 import csv
+import io
 import json
 import os
 import re
@@ -155,6 +156,36 @@ def test_bad_loss_files_are_named(case, tmp_path):
   if array is not None:
     np.save(path, array)
   with pytest.raises(UserInputError, match=re.escape(message)):
+    score.score_files(str(tmp_path / 'out'), losses=str(path))
+  assert not (tmp_path / 'out').exists()
+
+
+def _npz_bytes() -> bytes:
+  buffer = io.BytesIO()
+  np.savez(buffer, losses=np.ones((4, 3)))
+  return buffer.getvalue()
+
+
+# (file name, its bytes or None for a directory, what the message must say it is)
+UNREADABLE_FILES = {
+  'directory': ('losses.npy', None, 'is a directory'),
+  'text named .npy': ('losses.npy', b'epoch,loss\n1,2\n', 'is a text file'),
+  'text named .npz': ('losses.npz', b'hello\n', 'is a text file'),
+  'truncated npz': ('losses.npz', _npz_bytes()[:100], 'is a zip (.npz) archive that is truncated'),
+  'truncated npy': ('losses.npy', b'\x93NUMPY\x01\x00', 'is an .npy array that is truncated'),
+  'empty': ('losses.npy', b'', 'is empty'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(UNREADABLE_FILES))
+def test_unreadable_files_say_what_they_are(case, tmp_path):
+  name, payload, message = UNREADABLE_FILES[case]
+  path = tmp_path / name
+  if payload is None:
+    path.mkdir()
+  else:
+    path.write_bytes(payload)
+  with pytest.raises(UserInputError, match=re.escape(f'losses file {path} {message}')):
     score.score_files(str(tmp_path / 'out'), losses=str(path))
   assert not (tmp_path / 'out').exists()
 

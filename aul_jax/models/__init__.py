@@ -71,7 +71,7 @@ def check_images(name: str, image_shape: tuple[int, ...], num_classes: int) -> N
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise UserInputError(
       f"model '{name}' cannot take images of shape {tuple(image_shape)} ({message}); pick a "
-      'model for this image size (mlp and lenet take any size, resnets 8x8 or larger)'
+      'model for this image size (mlp takes any size)'
     ) from None
 
 
