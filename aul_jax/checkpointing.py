@@ -118,20 +118,29 @@ class Stage:
     which say how to place the arrays, and 0 when there is none."""
     like = {'state': state, 'aul_state': aul_state}
     args = ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
+    restored, step = None, 0
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(train=args))['train']
+        break
       except Exception as error:  # noqa: BLE001 - orbax raises many kinds for damaged files.
         self._run.log(
           f'checkpoint {step} of stage {self.name} in {self._directory} is damaged '
           f'({_first_line(error)}); trying an older one'
         )
-        continue
+        self._drop(step)  # Else saving that epoch again would find the step taken.
+    if restored is not None:
       self._run.log(f'resuming the {self.name} stage after epoch {step}')
       return restored['state'], restored['aul_state'], step
-    if self._manager.all_steps():
+    if step:
       self._run.log(f'no intact checkpoint of stage {self.name} is left; starting it over')
     return state, aul_state, 0
+
+  def _drop(self, step: int) -> None:
+    """Deletes a damaged checkpoint (process 0; the others wait at the next save)."""
+    if _is_primary():
+      shutil.rmtree(os.path.join(self._directory, str(step)), ignore_errors=True)
+    self._manager.reload()
 
   def due(self, epochs_done: int) -> bool:
     """Whether to save after `epochs_done` epochs: periodically, at the end, or when asked."""
@@ -201,7 +210,7 @@ class Run:
     """Records the config and the labels, or checks them against those recorded."""
     path = os.path.join(self.directory, 'run.json')
     labels_digest = digest(labels)
-    stored = _read_json(path)
+    stored = _read_json(path, required=('config', 'labels'))
     if stored is not None:
       require_same_config(
         stored['config'], self._config, f'the checkpoints in {self.directory}', self._force
@@ -253,14 +262,19 @@ def _is_primary() -> bool:
   return jax.process_index() == 0
 
 
-def _read_json(path: str) -> dict | None:
-  """A JSON file's contents; None if it does not exist; UserInputError if it is damaged."""
+def _read_json(path: str, required: Sequence[str] = ()) -> dict | None:
+  """A JSON object with the `required` keys; None if there is no file; UserInputError if it
+  is damaged (not JSON, or not such an object)."""
   if not os.path.exists(path):
     return None
   try:
     with open(path) as f:
-      return json.load(f)
+      content = json.load(f)
+    if not isinstance(content, dict) or any(key not in content for key in required):
+      raise ValueError(f'expected a JSON object with {", ".join(required)}')
   except (OSError, ValueError) as error:
     raise UserInputError(
-      f'{path} is damaged ({error}); delete it to start the run over, or use a new --workdir'
+      f'{path} is damaged ({_first_line(error)}); delete it to start the run over, or use a '
+      'new --workdir'
     ) from None
+  return content

@@ -1,17 +1,17 @@
 """Run outputs (scores.csv, summary.json, aul_history.npy, ...), written all-or-nothing.
 
-Every file is first written under a temporary name in the workdir and renamed into place only
-once all of them were written. summary.json, which marks a run complete and lists the other
-files, is renamed last, so a run that failed half-way is never taken for a complete one.
+All files are staged in a folder of the workdir and renamed into place only once all of them
+were written. summary.json, which marks a run complete and lists the other files, is removed
+first and renamed last, so a run that failed half-way is never taken for a complete one.
 """
 
-import contextlib
 import io
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -68,33 +68,56 @@ def _umask() -> int:
   return mask
 
 
-@contextlib.contextmanager
-def _temporary_file(directory: str) -> Iterator[str]:
-  fd, path = tempfile.mkstemp(dir=directory, prefix='.tmp-')
-  os.close(fd)
-  try:
-    yield path
-  finally:
-    if os.path.exists(path):
-      os.remove(path)
+STAGING_PREFIX = '.outputs-'  # WORKDIR/.outputs-XXXX: the files of a write in progress.
 
 
 def write_files(workdir: str, contents: Mapping[str, str | bytes], last: str | None = None) -> None:
-  """Writes `{name: text or bytes}` into `workdir` as a set: each file through a temporary
-  one, all renamed into place once all are written, `last` (the completion marker) last."""
+  """Writes `{name: text or bytes}` into `workdir` as a set.
+
+  All files are first written (and fsynced) into a staging folder in the workdir. Then the
+  old completion marker `last` is removed, the files are renamed into place, and `last` is
+  renamed last. So the marker exists only while the whole set is in place, and a write that
+  fails or is killed part-way leaves no marker: the run is not taken for complete and its
+  rerun writes the set again. A staging folder left by a killed write is removed by the next
+  write (the caller holds the workdir's lock, so no other writer can own it).
+  """
   os.makedirs(workdir, exist_ok=True)
-  with contextlib.ExitStack() as stack:
-    staged = {}
+  remove_stale_staging(workdir)
+  staging = tempfile.mkdtemp(dir=workdir, prefix=STAGING_PREFIX)
+  try:
     for name, content in contents.items():
-      os.makedirs(os.path.dirname(os.path.join(workdir, name)), exist_ok=True)
-      path = stack.enter_context(_temporary_file(workdir))
-      mode = 'wb' if isinstance(content, bytes) else 'w'
-      with open(path, mode) as f:
+      path = os.path.join(staging, name)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, 'wb' if isinstance(content, bytes) else 'w') as f:
         f.write(content)
-      os.chmod(path, 0o666 & ~_umask())  # mkstemp creates 0600; outputs are ordinary files.
-      staged[name] = path
-    for name in sorted(staged, key=lambda name: name == last):
-      os.replace(staged[name], os.path.join(workdir, name))
+        f.flush()
+        os.fsync(f.fileno())
+      os.chmod(path, 0o666 & ~_umask())
+    if last is not None and os.path.exists(os.path.join(workdir, last)):
+      os.remove(os.path.join(workdir, last))
+    for name in sorted(contents, key=lambda name: name == last):
+      target = os.path.join(workdir, name)
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(os.path.join(staging, name), target)
+    _fsync_directory(workdir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(workdir: str) -> None:
+  """Removes the staging folders of writes that were killed part-way."""
+  for entry in os.listdir(workdir):
+    if entry.startswith(STAGING_PREFIX):
+      shutil.rmtree(os.path.join(workdir, entry), ignore_errors=True)
+
+
+def _fsync_directory(path: str) -> None:
+  """Makes the renames durable, so a power loss cannot undo the marker's."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def write_run_outputs(
