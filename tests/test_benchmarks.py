@@ -201,3 +201,10 @@ def test_trials_quick():
       assert row['sequential_epoch_s'] == pytest.approx(
         int(r) * by_trials['one_network_epoch_s'], rel=1e-3
       )
+
+
+def test_fault_injection_quick():
+  out, record = run_benchmark('fault_injection.py')
+  assert record['kills'] == 1 and record['identical'] == 1
+  assert 0 <= record['kill_times_s'][0] <= record['uninterrupted_s']
+  assert '1/1 identical' in out
