@@ -39,6 +39,7 @@ from aul_jax import (
   train,
 )
 from aul_jax import config as config_lib
+from aul_jax import dynamics as dynamics_lib
 from aul_jax import progress as progress_lib
 from aul_jax import workdir as workdir_lib
 from aul_jax.errors import UserInputError
@@ -371,7 +372,7 @@ def _dynamics(config, job: Job, dataset, mesh, saved, progress) -> Dynamics:
   if not job.trials:
     return Dynamics(statistics, history, _optional(errors), extra={})
   return Dynamics(
-    statistics={name: value.mean(axis=0) for name, value in statistics.items()},
+    statistics=jax.tree.map(np.asarray, dynamics_lib.combine_trials(statistics)),
     history_NxT=None if history is None else history.mean(axis=0),
     test_error=_optional(np.mean(errors)),
     extra={},
@@ -660,7 +661,7 @@ def write_outputs(
     # The AUL run's statistics are the columns the paper's figures and mixture read; the
     # second round's, which the detector judged, come beside them.
     scores['left_out'] = detection.left_out_N
-    scores.update({f'round2_{k}': v for k, v in detection.dynamics.statistics.items()})
+    scores.update(report.statistic_columns(detection.dynamics.statistics, 'round2_'))
     summary['rounds'] = [
       report.round_summary(d.verdict, noisy.truth, test_error=d.dynamics.test_error)
       for d in (detection.first_round, detection)

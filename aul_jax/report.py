@@ -15,6 +15,8 @@ from aul_jax import detectors, gmm, metrics
 # The paper's detector (Section 4.1): the AUL and one two-component mixture. Its noise
 # estimate and mixture are reported beside the configured detector's, whichever ran.
 PAPER_DETECTOR = {'statistic': 'aul', 'rule': 'gmm'}
+# Statistics that are class indices, written as integers.
+INTEGER_STATISTICS = ('suggested_label',)
 
 
 def detection_columns(
@@ -34,7 +36,7 @@ def detection_columns(
   p_N = np.asarray(p_mislabeled_N, np.float64)
   score_N = np.asarray(aul_N if score_N is None else score_N, np.float64)
   flagged_N = p_N > 0.5
-  others = {k: np.asarray(v, np.float64) for k, v in (statistics or {}).items() if k != 'aul'}
+  others = {k: v for k, v in statistic_columns(statistics or {}).items() if k != 'aul'}
   return {
     'aul': np.asarray(aul_N, np.float64),
     **others,
@@ -43,6 +45,14 @@ def detection_columns(
     'flagged': flagged_N,
     'label_issue': flagged_N,
     'label_quality': hard_rule_quality(score_N) if hard else 1.0 - p_N,
+  }
+
+
+def statistic_columns(statistics: Mapping[str, np.ndarray], prefix: str = '') -> dict:
+  """Per-example statistics as scores.csv columns: floats, class indices as integers."""
+  return {
+    prefix + k: np.asarray(v, np.int64 if k in INTEGER_STATISTICS else np.float64)
+    for k, v in statistics.items()
   }
 
 

@@ -21,6 +21,7 @@ def test_per_example_matches_a_direct_computation():
   p /= p.sum(1, keepdims=True)
   np.testing.assert_allclose(out['confidence'], p[np.arange(50), labels], rtol=1e-5)
   np.testing.assert_array_equal(out['correct'], logits.argmax(1) == labels)
+  np.testing.assert_array_equal(out['other_class'], others.argmax(1))
 
 
 def test_per_example_margin_is_computed_in_float32_from_bfloat16_logits():
@@ -29,15 +30,17 @@ def test_per_example_margin_is_computed_in_float32_from_bfloat16_logits():
   assert out['margin'].dtype == jnp.float32 and float(out['margin'][0]) == -1.0
 
 
-def _fold(correct_rows, confidence_rows, loss_rows=None):
+def _fold(correct_rows, confidence_rows, loss_rows=None, other_rows=None):
   state = dynamics.init_dynamics(len(correct_rows[0]))
   for t, (correct, confidence) in enumerate(zip(correct_rows, confidence_rows, strict=True)):
     loss = np.full(len(correct), float(t)) if loss_rows is None else loss_rows[t]
+    other = np.zeros(len(correct)) if other_rows is None else other_rows[t]
     epoch = {
       'loss': jnp.asarray(loss, jnp.float32),
       'margin': jnp.asarray(confidence, jnp.float32) - 0.5,
       'confidence': jnp.asarray(confidence, jnp.float32),
       'correct': jnp.asarray(correct, jnp.float32),
+      'other_class': jnp.asarray(other, jnp.float32),
     }
     state = dynamics.add_epoch(state, epoch)
   return jax.tree.map(np.asarray, dynamics.statistics(state))
@@ -60,6 +63,24 @@ def test_cartography_confidence_variability_aum_and_last_loss():
   np.testing.assert_allclose(stats['variability'], confidence.std(0), rtol=1e-5)
   np.testing.assert_allclose(stats['aum'], confidence.mean(0) - 0.5, rtol=1e-6)
   np.testing.assert_array_equal(stats['last_loss'], [5.0, 6.5])
+
+
+def test_suggested_label_is_the_majority_largest_other_class():
+  # Columns: 3 in 3 of 5 epochs (a majority, not in a row); always 1; no majority, the
+  # later epochs win (0, 6, 6, 7, 7 gives 7); 2 twice then 4 three times.
+  other = np.array([[3, 1, 0, 2], [5, 1, 6, 2], [3, 1, 6, 4], [6, 1, 7, 4], [3, 1, 7, 4]])
+  stats = _fold([[0] * 4] * 5, [[0.5] * 4] * 5, other_rows=other)
+  np.testing.assert_array_equal(stats['suggested_label'], [3, 1, 7, 4])
+
+
+def test_suggested_label_over_trials_is_the_most_common():
+  stats_RxN = {
+    'suggested_label': jnp.array([[1.0, 2.0, 5.0], [3.0, 2.0, 6.0], [3.0, 4.0, 7.0]]),
+    'aum': jnp.array([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0], [2.0, 0.0, 1.0]]),
+  }
+  combined = jax.tree.map(np.asarray, dynamics.combine_trials(stats_RxN))
+  np.testing.assert_array_equal(combined['suggested_label'], [3, 2, 5])  # Ties: trial 0.
+  np.testing.assert_allclose(combined['aum'], [2.0, 2.0, 3.0])
 
 
 def test_statistics_before_any_epoch_are_finite():

@@ -222,7 +222,7 @@ def test_npz_run_writes_documented_outputs(tmp_path):
   assert result.returncode == 0, result.stderr
   with open(workdir / 'scores.csv') as f:
     rows = list(csv.DictReader(f))
-  round2 = tuple(f'round2_{name}' for name in SCORES_COLUMNS[2:10])
+  round2 = tuple(f'round2_{name}' for name in SCORES_COLUMNS[2:11])
   assert tuple(rows[0]) == (*SCORES_COLUMNS, 'left_out', *round2)  # Two detection rounds.
   assert [int(r['index']) for r in rows] == list(range(40))
   summary = json.loads((workdir / 'summary.json').read_text())

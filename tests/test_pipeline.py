@@ -33,6 +33,7 @@ SCORES_COLUMNS = (
   'forgetting_events',
   'never_learned',
   'last_loss',
+  'suggested_label',
   'score',
   'p_mislabeled',
   'flagged',
@@ -65,12 +66,27 @@ def test_digits_detects_uniform_noise(digits_run):
   assert summary['f1'] >= 0.95
 
 
+def test_suggested_label_recovers_the_true_label_of_flagged_examples(digits_run):
+  # Measured (seed 0): of the 569 flagged mislabeled examples, round 1's suggested label is
+  # the true one for 93.7%, round 2's for 96.0%.
+  _, workdir = digits_run
+  scores = np.genfromtxt(
+    os.path.join(workdir, 'scores.csv'), delimiter=',', names=True, dtype=None, encoding='utf-8'
+  )
+  caught = scores['flagged'].astype(bool) & scores['is_mislabeled'].astype(bool)
+  assert caught.sum() > 500
+  for column in ('suggested_label', 'round2_suggested_label'):
+    assert scores[column].dtype.kind == 'i'
+    assert (scores[column] != scores['label']).all()
+    assert (scores[column][caught] == scores['true_label'][caught]).mean() >= 0.9
+
+
 def test_digits_outputs_are_consistent(digits_run):
   summary, workdir = digits_run
   scores = np.genfromtxt(
     os.path.join(workdir, 'scores.csv'), delimiter=',', names=True, dtype=None, encoding='utf-8'
   )
-  round2 = tuple(f'round2_{name}' for name in SCORES_COLUMNS[2:10])
+  round2 = tuple(f'round2_{name}' for name in SCORES_COLUMNS[2:11])
   assert scores.dtype.names == (*SCORES_COLUMNS, 'true_label', 'is_mislabeled', 'left_out', *round2)
   assert len(scores) == summary['n_train'] == 1437
   np.testing.assert_array_equal(scores['index'], np.arange(1437))
