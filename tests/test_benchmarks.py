@@ -91,7 +91,7 @@ def test_aul_overhead_quick():
     assert math.isfinite(record[key]) and record[key] > -1, key
   assert all(positive(s) for s in record['epoch_s'].values())
   n, t = record['num_examples'], record['history_epochs']
-  with_dynamics = 4 * n * 8 + 4  # The AUL, 7 dynamics vectors and an int32 epoch count.
+  with_dynamics = 4 * n * 10 + 4  # The AUL, 9 dynamics vectors and an int32 epoch count.
   assert record['aul_state_bytes'] == {
     'no_aul': 0,
     'aul_only': 4 * n,
