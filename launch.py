@@ -47,7 +47,7 @@ def run(config, workdir: str, force: bool = False, where: str = 'the config') ->
     pipeline.run(config, workdir, log=log, force=force)
   except UserInputError as e:
     print(f'error: {e}', file=sys.stderr)
-    return 2
+    return cli.USAGE_ERROR
   except DivergedError as e:
     print(f'error: training diverged: {e}; the last good checkpoint is kept', file=sys.stderr)
     return 3

@@ -6,7 +6,6 @@ absl's own parser prints a FATAL line and exits 1, and a misspelled `--config.a.
 override escapes it as a chained traceback; `parse_flags` is passed to `app.run` instead.
 """
 
-import difflib
 import os
 import re
 import sys
@@ -15,6 +14,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from aul_jax import config as config_lib
+
 USAGE_ERROR = 2  # The exit code of every user error, as for UserInputError.
 
 
@@ -22,7 +23,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   """`flag_values(argv)`, or one `error:` line on stderr and exit code 2."""
   try:
     remaining = flag_values(argv)
-  except Exception as error:  # noqa: BLE001: absl, ml_collections and the config file raise many.
+  except Exception as error:  # noqa: BLE001 - absl, ml_collections and the config file raise many.
     _exit(describe(error, argv))
   if 'config' in flag_values and flag_values['config'].present:
     config = flag_values['config'].value
@@ -83,7 +84,7 @@ def _load(path: str):
     try:
       values(sys.argv)
       config = values['config'].value
-    except Exception:  # noqa: BLE001: reported by the caller as the file's problem.
+    except Exception:  # noqa: BLE001 - reported by the caller as the file's problem.
       config = None
     finally:
       sys.argv = argv
@@ -148,13 +149,10 @@ def _unknown_override(argv: list[str], config_arg: str) -> str | None:
       if isinstance(node, ml_collections.ConfigDict) and part in node:
         node = node[part]
         continue
-      where = '.'.join(path[:depth])
-      fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      near = difflib.get_close_matches(part, fields, n=3, cutoff=0.6)
-      full = '.'.join(path)
-      hint = f'did you mean {", ".join(_join(where, n) for n in near)}? ' if near else ''
-      section = f'{where} has' if where else 'the config has'
-      return f'--config.{full}: no such config field; {hint}({section}: {", ".join(fields)})'
+      fields = node if isinstance(node, ml_collections.ConfigDict) else {}
+      prefix = ''.join(f'{p}.' for p in path[:depth])
+      hint = config_lib.nearest_fields(part, fields, prefix)
+      return f'--config.{".".join(path)}: no such config field; {hint}'
   return None
 
 
@@ -165,10 +163,6 @@ def _get(config, path: list[str]):
       return None
     node = node[part]
   return node
-
-
-def _join(where: str, name: str) -> str:
-  return f'{where}.{name}' if where else name
 
 
 def _type_name(value) -> str:

@@ -137,6 +137,15 @@ def check_fields(config, where: str = 'the config') -> None:
   _check_fields(config, base_config(), '', where)
 
 
+def nearest_fields(name: str, section, prefix: str = '') -> str:
+  """'did you mean aul.epochs? (aul has: ...)' for a `name` that `section` (whose fields
+  are named `prefix` + field) does not have."""
+  fields = sorted(section)
+  near = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+  hint = f'did you mean {", ".join(prefix + n for n in near)}? ' if near else ''
+  return f'{hint}({prefix.rstrip(".") or "the config"} has: {", ".join(fields)})'
+
+
 def _check_fields(config, reference, prefix: str, where: str) -> None:
   for name in reference:
     _require(
@@ -145,11 +154,9 @@ def _check_fields(config, reference, prefix: str, where: str) -> None:
     )
   for name in config:
     if name not in reference:
-      near = difflib.get_close_matches(name, list(reference), n=3, cutoff=0.6)
-      hint = f'did you mean {", ".join(prefix + n for n in near)}? ' if near else ''
       raise UserInputError(
-        f'{where} has the field {prefix}{name}, which aul_jax does not read; {hint}'
-        f'({prefix.rstrip(".") or "the config"} has: {", ".join(sorted(reference))})'
+        f'{where} has the field {prefix}{name}, which aul_jax does not read; '
+        + nearest_fields(name, reference, prefix)
       )
     if isinstance(reference[name], ml_collections.ConfigDict):
       _require(

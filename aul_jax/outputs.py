@@ -82,7 +82,7 @@ def write_files(workdir: str, contents: Mapping[str, str | bytes], last: str | N
   write (the caller holds the workdir's lock, so no other writer can own it).
   """
   os.makedirs(workdir, exist_ok=True)
-  remove_stale_staging(workdir)
+  _remove_stale_staging(workdir)
   staging = tempfile.mkdtemp(dir=workdir, prefix=STAGING_PREFIX)
   try:
     for name, content in contents.items():
@@ -104,7 +104,7 @@ def write_files(workdir: str, contents: Mapping[str, str | bytes], last: str | N
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def remove_stale_staging(workdir: str) -> None:
+def _remove_stale_staging(workdir: str) -> None:
   """Removes the staging folders of writes that were killed part-way."""
   for entry in os.listdir(workdir):
     if entry.startswith(STAGING_PREFIX):

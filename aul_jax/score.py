@@ -275,7 +275,7 @@ def main(argv: list[str]) -> int:
     )
   except UserInputError as e:
     print(f'error: {e}', file=sys.stderr)
-    return 2
+    return cli.USAGE_ERROR
   print(
     f'{summary["n_train"]} examples, noise estimate {summary["noise_estimate"]:.3f}, '
     f'{summary["n_flagged"]} flagged; outputs in {_WORKDIR.value}'

@@ -16,6 +16,7 @@ import pytest
 
 from aul_jax import pipeline
 from aul_jax.errors import Preempted, UserInputError
+from tests.test_checkpointing import _files
 from tests.test_pipeline import ROOT, load_config
 
 # The digits default (two detection rounds), short, with a checkpoint after every epoch so
@@ -31,19 +32,11 @@ def _config():
   return config
 
 
-def _outputs(workdir) -> dict:
-  return {
-    name: (workdir / name).read_bytes()
-    for name in ('scores.csv', 'aul_history.npy')
-    if (workdir / name).exists()
-  }
-
-
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('uninterrupted')
   pipeline.run(_config(), str(workdir), log=lambda _: None)
-  return _outputs(workdir)
+  return _files(workdir)
 
 
 def _rerun(workdir) -> list[str]:
@@ -54,7 +47,7 @@ def _rerun(workdir) -> list[str]:
 
 
 def _assert_same_as(uninterrupted, workdir):
-  assert _outputs(workdir) == uninterrupted
+  assert _files(workdir) == uninterrupted
   leftovers = [n for n in os.listdir(workdir) if n.startswith('.outputs-')]
   assert not leftovers, leftovers
 
