@@ -12,3 +12,20 @@ epoch by epoch are (T, N, K).
 """
 
 __version__ = '0.2.0'
+
+# The Python API, loaded on first use so that `import aul_jax.gmm` (or a config file) does
+# not load the training stack: aul_jax.find_label_issues, aul_jax.Recorder.
+_API = {
+  'find_label_issues': 'aul_jax.api',
+  'LabelIssues': 'aul_jax.api',
+  'Recorder': 'aul_jax.recorder',
+}
+__all__ = ['__version__', *_API]
+
+
+def __getattr__(name):
+  if name in _API:
+    import importlib
+
+    return getattr(importlib.import_module(_API[name]), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

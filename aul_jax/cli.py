@@ -20,7 +20,9 @@ USAGE_ERROR = 2  # The exit code of every user error, as for UserInputError.
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
-  """`flag_values(argv)`, or one `error:` line on stderr and exit code 2."""
+  """`flag_values(argv)`, or one `error:` line on stderr and exit code 2. A --config that
+  is no file but names a shipped config (`digits`, `npz.py`) reads that config."""
+  argv = shipped_config(argv)
   try:
     remaining = flag_values(argv)
   except Exception as error:  # noqa: BLE001 - absl, ml_collections and the config file raise many.
@@ -35,6 +37,33 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
         error = e
       _exit(_config_file_problem(_config_arg(argv), error))
   return remaining
+
+
+def configs_dir() -> str:
+  """The shipped configs: aul_jax/configs in an installed package, else the repo's configs/."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(package, 'configs')
+  return (
+    installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), 'configs')
+  )
+
+
+def shipped_config(argv: list[str]) -> list[str]:
+  """`argv` with a --config that names no file but a shipped config's name made its path."""
+  value = _config_arg(argv)
+  if value is None or os.path.exists(value):
+    return argv
+  name = os.path.basename(value).removesuffix('.py')
+  path = os.path.join(configs_dir(), f'{name}.py')
+  if not os.path.isfile(path):
+    return argv
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if arg == f'--config={value}':
+      argv[i] = f'--config={path}'
+    elif arg == '--config' and i + 1 < len(argv) and argv[i + 1] == value:
+      argv[i + 1] = path
+  return argv
 
 
 def _exit(message: str):
@@ -97,7 +126,10 @@ def _config_file_problem(path: str, error: Exception) -> str:
   if os.path.isdir(path):
     return f'config file {path} is a directory; give a file such as configs/digits.py'
   if 'No such file or directory' in text or 'Errno 2' in text:
-    return f'config file {path} does not exist; give a path such as configs/digits.py'
+    shipped = sorted(n[:-3] for n in os.listdir(configs_dir()) if n.endswith('.py'))
+    return (
+      f'config file {path} does not exist; give a path, or a shipped config: {", ".join(shipped)}'
+    )
   if isinstance(error, SyntaxError):
     return f'config file {path} has a syntax error at line {error.lineno}: {error.msg}'
   if "has no attribute 'get_config'" in text:

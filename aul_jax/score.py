@@ -18,11 +18,10 @@ import sys
 import zipfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from aul_jax import checks, cli, detectors, dynamics, figures, losses, outputs, report
+from aul_jax import api, checks, cli, detectors, figures, outputs, report
 from aul_jax import config as config_lib
 from aul_jax import workdir as workdir_lib
 from aul_jax.errors import UserInputError
@@ -63,49 +62,11 @@ def _load_csv(path: str) -> np.ndarray:
     return np.loadtxt(path, delimiter=',', dtype=np.float64, ndmin=2, skiprows=1)
 
 
-def _check_finite(array: np.ndarray, path: str, what: str) -> None:
-  bad = np.argwhere(~np.isfinite(array))
-  if len(bad):
-    raise UserInputError(f'{what} file {path}: entry {tuple(bad[0].tolist())} is not finite')
-
-
-def losses_from_logits(logits_TxNxK: np.ndarray, labels_N: np.ndarray) -> np.ndarray:
-  """Per-epoch softmax cross-entropy of each example's given label, as (N, T)."""
-  log_p = jax.nn.log_softmax(jnp.asarray(logits_TxNxK, jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(log_p, jnp.asarray(labels_N)[None, :, None], axis=-1)[..., 0]
-  return np.asarray(-picked).T
-
-
-def statistics_from_logits(logits_TxNxK: np.ndarray, labels_N: np.ndarray) -> dict:
-  """The AUL and every `dynamics.statistics` of (T, N, K) per-epoch logits, as (N,) arrays,
-  folded epoch by epoch exactly as a training run folds them."""
-  labels = jnp.asarray(labels_N)
-
-  @jax.jit
-  def fold(state, logits_NxK):
-    aul_N, dyn = state
-    loss_N = losses.cross_entropy(logits_NxK, labels)
-    epoch = {'loss': loss_N, **dynamics.per_example(logits_NxK, labels)}
-    epoch = {k: v.astype(jnp.float32) for k, v in epoch.items()}
-    return (aul_N + loss_N, dynamics.add_epoch(dyn, epoch)), None
-
-  init = (jnp.zeros(len(labels_N), jnp.float32), dynamics.init_dynamics(len(labels_N)))
-  (aul_N, dyn), _ = jax.lax.scan(fold, init, jnp.asarray(logits_TxNxK, jnp.float32))
-  stats = {'aul': aul_N, **dynamics.statistics(dyn)}
-  return {k: np.asarray(v, np.float64) for k, v in stats.items()}
-
-
 def load_logits(logits_path: str, labels_path: str | None):
   """((T, N, K) float logits, (N,) labels) from the user's files, validated."""
   if labels_path is None:
     raise UserInputError('--logits needs --labels (the given label of each example)')
-  logits = _load_array(logits_path, 'logits')
-  if logits.ndim != 3 or 0 in logits.shape or not np.issubdtype(logits.dtype, np.floating):
-    raise UserInputError(
-      f'logits file {logits_path}: expected a float (T, N, K) array, got shape {logits.shape} '
-      f'of {logits.dtype}'
-    )
-  _check_finite(logits, logits_path, 'logits')
+  logits = api.check_logits(_load_array(logits_path, 'logits'), f'logits file {logits_path}')
   return logits, _load_labels(labels_path, logits.shape[1], logits.shape[2])
 
 
@@ -114,19 +75,12 @@ def load_losses(losses_path=None, logits_path=None, labels_path=None):
   if (losses_path is None) == (logits_path is None):
     raise UserInputError('give either --losses, or --logits together with --labels')
   if losses_path is not None:
-    losses = _load_array(losses_path, 'losses')
-    if losses.ndim == 1:
-      losses = losses[:, None]  # One epoch.
-    if losses.ndim != 2 or losses.size == 0 or not np.issubdtype(losses.dtype, np.number):
-      raise UserInputError(
-        f'losses file {losses_path}: expected a non-empty numeric (N, T) array, got '
-        f'shape {losses.shape} of {losses.dtype}'
-      )
-    _check_finite(losses, losses_path, 'losses')
+    where = f'losses file {losses_path}'
+    losses = api.check_losses(_load_array(losses_path, 'losses'), where)
     labels = None if labels_path is None else _load_labels(labels_path, len(losses), None)
-    return losses.astype(np.float64), labels
+    return losses, labels
   logits, labels = load_logits(logits_path, labels_path)
-  return losses_from_logits(logits, labels).astype(np.float64), labels
+  return api.losses_from_logits(logits, labels), labels
 
 
 def _load_labels(path: str, num_examples: int, num_classes: int | None) -> np.ndarray:
@@ -152,11 +106,6 @@ def load_truth(path: str, num_examples: int) -> np.ndarray:
   return truth.astype(bool)
 
 
-def default_detector(has_logits: bool) -> tuple[str, str]:
-  """(statistic, rule): a full run's default with logits; the paper's with losses alone."""
-  return ('aum', 'sign') if has_logits else ('aul', 'gmm')
-
-
 def score(
   losses_NxT: np.ndarray,
   *,
@@ -177,22 +126,14 @@ def score(
   losses_NxT = np.asarray(losses_NxT, np.float64)
   aul_N = losses_NxT.sum(axis=1)
   if statistics is None:
-    statistics = {'aul': aul_N, 'last_loss': losses_NxT[:, -1]}
-  num_classes = None if labels_N is None else int(np.max(labels_N)) + 1
-  try:
-    verdict = detectors.detect(
-      statistics, labels_N, num_classes, statistic=statistic, rule=rule, mixture=mixture
-    )
-  except KeyError as e:
-    raise UserInputError(f'statistic {statistic!r} needs --logits (it uses {e})') from None
-  except ValueError as e:
-    raise UserInputError(str(e)) from None
+    statistics = api.statistics_from_losses(losses_NxT)
+  verdict = api.detect(statistics, labels_N, statistic, rule, mixture, logits='--logits')
   paper = jax.tree.map(np.asarray, detectors.global_mixture(aul_N, **mixture))
   scores, summary, tables = report.assemble(
     num_examples=len(aul_N),
     labels_N=labels_N,
     statistics=statistics,
-    verdict=jax.tree.map(np.asarray, verdict),
+    verdict=verdict,
     detector={'statistic': statistic, 'rule': rule},
     paper=paper,
     is_mislabeled_N=is_mislabeled_N,
@@ -221,9 +162,9 @@ def score_files(
     losses_NxT, labels_N = load_losses(losses, logits, labels)  # Also refuses both at once.
   else:
     logits_TxNxK, labels_N = load_logits(logits, labels)
-    losses_NxT = losses_from_logits(logits_TxNxK, labels_N).astype(np.float64)
-    statistics = statistics_from_logits(logits_TxNxK, labels_N)
-  default_statistic, default_rule = default_detector(statistics is not None)
+    losses_NxT = api.losses_from_logits(logits_TxNxK, labels_N)
+    statistics = api.statistics_from_logits(logits_TxNxK, labels_N)
+  default_statistic, default_rule = api.default_detector(statistics is not None)
   statistic = statistic or default_statistic
   rule = rule or (default_rule if statistic == default_statistic else 'gmm')
   if rule == 'class_gmm' and labels_N is None:
@@ -283,5 +224,10 @@ def main(argv: list[str]) -> int:
   return 0
 
 
-if __name__ == '__main__':
+def entry() -> None:
+  """The `aul-jax-score` console script and `python -m aul_jax.score`."""
   app.run(main, flags_parser=cli.parse_flags)
+
+
+if __name__ == '__main__':
+  entry()

@@ -153,12 +153,12 @@ def test_sigterm_from_outside_saves_and_exits_nonzero(tmp_path):
   script = (
     'import os, signal, sys; sys.argv[1:] = ["--config=configs/digits.py", '
     f'"--workdir={tmp_path}", "--config.aul.epochs=200", "--config.checkpoint.every_epochs=0"];'
-    'import launch; from absl import app;'
-    'orig = launch.pipeline.train._epoch_metrics\n'
+    'import launch; from absl import app; from aul_jax import train;'
+    'orig = train._epoch_metrics\n'
     'def epoch_metrics(epoch, *a):\n'
     '  if epoch == 2: os.kill(os.getpid(), signal.SIGTERM)\n'
     '  return orig(epoch, *a)\n'
-    'launch.pipeline.train._epoch_metrics = epoch_metrics\n'
+    'train._epoch_metrics = epoch_metrics\n'
     'launch.define_flags(); app.run(launch.main)'
   )
   result = subprocess.run(

@@ -78,7 +78,7 @@ def _run_snippet(kind: str, args: list[str], code: str, tmp_path) -> None:
   code = _localise(code, tmp_path)
   if kind == 'run':
     _run(['bash', '-euo', 'pipefail', '-c', _with_args(code, args)])
-  elif kind == 'python':
+  elif kind in ('python', 'python-torch'):
     _run([sys.executable, '-c', code])
   elif kind == 'python-after-quickstart':
     _run(
@@ -106,9 +106,18 @@ def _run_snippet(kind: str, args: list[str], code: str, tmp_path) -> None:
 @pytest.mark.parametrize('guide', sorted(_guides()))
 def test_guide_snippets_run_in_order(guide, tmp_path):
   for kind, args, code in _guides()[guide]:
+    if kind != 'python-torch':  # Those need torch: the test below.
+      _run_snippet(kind, args, code, tmp_path)
+
+
+def test_pytorch_snippets_run(tmp_path):
+  snippets = [s for guide in _guides().values() for s in guide if s[0] == 'python-torch']
+  assert snippets
+  pytest.importorskip('torch')
+  for kind, args, code in snippets:
     _run_snippet(kind, args, code, tmp_path)
 
 
 def test_every_guide_has_a_tested_snippet():
-  guides = {'quickstart', 'own_data', 'tfds', 'multihost', 'outputs', 'figures'}
+  guides = {'quickstart', 'own_data', 'tfds', 'multihost', 'outputs', 'figures', 'python_api'}
   assert guides <= set(_guides())

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from aul_jax import report, score
+from aul_jax import api, report, score
 from aul_jax.errors import UserInputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def test_logits_give_cross_entropy_losses():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(3, 5, 4)).astype(np.float32)
   labels = np.array([0, 3, 1, 1, 2])
-  losses = score.losses_from_logits(logits, labels)
+  losses = api.losses_from_logits(logits, labels)
   log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   expected = -np.take_along_axis(log_p, labels[None, :, None], -1)[..., 0].T
   np.testing.assert_allclose(losses, expected, rtol=1e-5)
@@ -113,12 +113,12 @@ def test_statistics_from_logits_match_a_direct_computation():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(5, 30, 4)).astype(np.float32) * 2
   labels = rng.integers(0, 4, 30)
-  stats = score.statistics_from_logits(logits, labels)
+  stats = api.statistics_from_logits(logits, labels)
   others = logits.copy()
   others[:, np.arange(30), labels] = -np.inf
   margin = logits[:, np.arange(30), labels] - others.max(-1)
   np.testing.assert_allclose(stats['aum'], margin.mean(0), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(stats['aul'], score.losses_from_logits(logits, labels).sum(1), 1e-5)
+  np.testing.assert_allclose(stats['aul'], api.losses_from_logits(logits, labels).sum(1), 1e-5)
   correct = logits.argmax(-1) == labels
   np.testing.assert_allclose(stats['correctness'], correct.mean(0))
   forgotten = (correct[:-1] & ~correct[1:]).sum(0)
