@@ -12,6 +12,7 @@ the statistics inside a training loop instead of keeping every epoch's logits.
 """
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -82,7 +83,7 @@ def check_losses(losses_NxT, where: str = 'losses') -> np.ndarray:
 
 def check_logits(logits_TxNxK, where: str = 'logits') -> np.ndarray:
   """(T, N, K) float per-epoch logits, finite, or UserInputError."""
-  logits_TxNxK = np.asarray(logits_TxNxK)
+  logits_TxNxK = np.asanyarray(logits_TxNxK)  # A memmap stays one.
   if (
     logits_TxNxK.ndim != 3
     or 0 in logits_TxNxK.shape
@@ -96,34 +97,48 @@ def check_logits(logits_TxNxK, where: str = 'logits') -> np.ndarray:
   return logits_TxNxK
 
 
-def _check_finite(array: np.ndarray, where: str) -> None:
-  bad = np.argwhere(~np.isfinite(array))
-  if len(bad):
-    raise UserInputError(f'{where}: entry {tuple(bad[0].tolist())} is not finite')
+def _check_finite(array: np.ndarray, where: str, block: int = 1 << 22) -> None:
+  """Every entry finite, checked a block of rows at a time (a memory-mapped file stays on disk)."""
+  rows = max(1, block // max(1, int(np.prod(array.shape[1:]))))
+  for start in range(0, len(array), rows):
+    bad = np.argwhere(~np.isfinite(array[start : start + rows]))
+    if len(bad):
+      first = (int(bad[0][0]) + start, *bad[0][1:].tolist())
+      raise UserInputError(f'{where}: entry {first} is not finite')
 
 
 def losses_from_logits(logits_TxNxK, labels_N) -> np.ndarray:
-  """Per-epoch softmax cross-entropy of each example's given label, as (N, T) float64."""
-  log_p = jax.nn.log_softmax(jnp.asarray(logits_TxNxK, jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(log_p, jnp.asarray(labels_N)[None, :, None], axis=-1)[..., 0]
-  return np.asarray(-picked, np.float64).T
+  """Per-epoch softmax cross-entropy of each example's given label, as (N, T) float64; one
+  epoch at a time, so (T, N, K) logits may be a memory-mapped file."""
+  labels = jnp.asarray(labels_N)
+
+  @jax.jit
+  def epoch_loss(logits_NxK):
+    log_p = jax.nn.log_softmax(logits_NxK.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
+
+  loss_TxN = [np.asarray(epoch_loss(jnp.asarray(logits_NxK))) for logits_NxK in logits_TxNxK]
+  return np.stack(loss_TxN, axis=1).astype(np.float64)
 
 
 def statistics_from_logits(logits_TxNxK, labels_N) -> dict[str, np.ndarray]:
   """The AUL and every `dynamics.statistics` of (T, N, K) per-epoch logits, as (N,) arrays,
-  folded epoch by epoch exactly as a training run folds them."""
+  folded epoch by epoch exactly as a training run folds them (one epoch in memory at a time)."""
   labels = jnp.asarray(labels_N)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=0)
   def fold(state, logits_NxK):
     aul_N, dyn = state
+    logits_NxK = logits_NxK.astype(jnp.float32)
     loss_N = losses.cross_entropy(logits_NxK, labels)
     epoch = {'loss': loss_N, **dynamics.per_example(logits_NxK, labels)}
     epoch = {k: v.astype(jnp.float32) for k, v in epoch.items()}
-    return (aul_N + loss_N, dynamics.add_epoch(dyn, epoch)), None
+    return aul_N + loss_N, dynamics.add_epoch(dyn, epoch)
 
-  init = (jnp.zeros(len(labels_N), jnp.float32), dynamics.init_dynamics(len(labels_N)))
-  (aul_N, dyn), _ = jax.lax.scan(fold, init, jnp.asarray(logits_TxNxK, jnp.float32))
+  state = (jnp.zeros(len(labels_N), jnp.float32), dynamics.init_dynamics(len(labels_N)))
+  for logits_NxK in logits_TxNxK:
+    state = fold(state, jnp.asarray(logits_NxK))
+  aul_N, dyn = state
   stats = {'aul': aul_N, **dynamics.statistics(dyn)}
   return {k: np.asarray(v, np.float64) for k, v in stats.items()}
 

@@ -21,6 +21,8 @@ def _format_value(value) -> str:
     return 'true' if value else 'false'
   if isinstance(value, (float, np.floating)):
     return repr(float(value)) if math.isfinite(value) else str(float(value))
+  if isinstance(value, str) and any(c in value for c in ',"\n\r'):
+    return '"' + value.replace('"', '""') + '"'  # RFC 4180 quoting, for the user's ids.
   return str(value)
 
 

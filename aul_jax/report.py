@@ -119,6 +119,7 @@ def assemble(
   paper: detectors.Verdict | None = None,
   true_labels_N=None,
   is_mislabeled_N=None,
+  ids_N=None,
   **fields,
 ) -> tuple[dict, dict, dict]:
   """(scores.csv columns, summary.json, other tables) of a run or a scoring.
@@ -128,6 +129,8 @@ def assemble(
   paper's result (`paper`: the AUL mixture). `fields` go into the summary as they are.
   """
   scores = {'index': np.arange(num_examples)}
+  if ids_N is not None:  # The user's own example ids (the scorer's long format).
+    scores['id'] = np.asarray(ids_N)
   if labels_N is not None:
     scores['label'] = np.asarray(labels_N)
   summary = {'n_train': num_examples, **fields}
@@ -216,12 +219,14 @@ def trial_tables(trial_statistics: Mapping[str, np.ndarray]) -> dict[str, dict]:
 
 def ranked_issues(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Every example, lowest label quality (most likely mislabeled) first, ties by index:
-  ranked_issues.csv."""
+  ranked_issues.csv (with the user's `id` beside the index when there is one)."""
   quality_N = columns['label_quality']
   order = np.lexsort((np.arange(len(quality_N)), quality_N))
+  ranked = {'rank': np.arange(len(order)), 'index': order}
+  if 'id' in columns:
+    ranked['id'] = columns['id'][order]
   return {
-    'rank': np.arange(len(order)),
-    'index': order,
+    **ranked,
     'p_mislabeled': columns['p_mislabeled'][order],
     'label_quality': quality_N[order],
     'label_issue': columns['label_issue'][order],

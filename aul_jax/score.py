@@ -8,11 +8,13 @@ and then the default detector of a full run (a negative AUM; docs/detection.md).
 
   python -m aul_jax.score --losses losses.npy --workdir out          # (N, T) array
   python -m aul_jax.score --losses losses.csv --workdir out          # one row per example
+  python -m aul_jax.score --losses long.csv --workdir out   # id,epoch,loss[,label] rows
   python -m aul_jax.score --logits logits.npy --labels y.npy --workdir out  # (T, N, K)
   ... --truth is_mislabeled.npy   # adds AUROC, precision, recall and F1
   ... --statistic=aul --rule=gmm   # another detector (aul_jax.detectors)
 """
 
+import csv
 import os
 import sys
 import zipfile
@@ -34,7 +36,8 @@ def _load_array(path: str, what: str) -> np.ndarray:
   try:
     if path.endswith('.csv'):
       return _load_csv(path)
-    loaded = np.load(path, allow_pickle=False)
+    # Memory-mapped: the scorer reads (T, N, K) logits one epoch at a time (aul_jax.api).
+    loaded = np.load(path, mmap_mode='r', allow_pickle=False)
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     why = checks.unreadable(path, 'an .npy, .npz or .csv file')
     if why.startswith('is an .npy') or why.startswith('is a zip'):
@@ -54,6 +57,92 @@ def _load_array(path: str, what: str) -> np.ndarray:
   return loaded
 
 
+LONG_COLUMNS = ('id', 'epoch', 'loss')  # The long format's columns; 'label' is optional.
+
+
+def _long_header(path: str) -> list[str] | None:
+  """The header of a long-format CSV (columns id, epoch, loss and maybe label), else None."""
+  with open(path, newline='') as f:
+    first = next(csv.reader(f), [])
+  names = [name.strip().lower() for name in first]
+  return names if set(LONG_COLUMNS) <= set(names) else None
+
+
+def load_long_csv(path: str, names: list[str]):
+  """(losses (N, T), ids (N,) or None, labels (N,) or None) from one `id,epoch,loss[,label]`
+  row per measurement. Examples are in sorted id order; ids may be strings. `ids` is None
+  when they are 0..N-1 already."""
+  column = {name: names.index(name) for name in (*LONG_COLUMNS, 'label') if name in names}
+  rows = {name: [] for name in column}
+  with open(path, newline='') as f:
+    reader = csv.reader(f)
+    next(reader)
+    for line, row in enumerate(reader, start=2):
+      if not row:
+        continue
+      try:
+        for name, i in column.items():
+          rows[name].append(row[i].strip())
+      except IndexError:
+        raise UserInputError(
+          f'losses file {path}, line {line}: {len(row)} values, expected {len(names)} '
+          f'({",".join(names)})'
+        ) from None
+  if not rows['id']:
+    raise UserInputError(f'losses file {path} has a header but no rows')
+  int_ids = _numbers_if_all(rows['id'], int)
+  epochs = _parsed(rows['epoch'], int, 'epoch', 'an integer', path)
+  values = _parsed(rows['loss'], float, 'loss', 'a number', path)
+  unique_ids, example = np.unique(
+    np.asarray(rows['id'] if int_ids is None else int_ids), return_inverse=True
+  )
+  unique_epochs, epoch = np.unique(np.asarray(epochs), return_inverse=True)
+  count_NxT = np.zeros((len(unique_ids), len(unique_epochs)), np.int64)
+  np.add.at(count_NxT, (example, epoch), 1)
+  for problem, where in (
+    ('has more than one loss', count_NxT > 1),
+    ('has no loss', count_NxT == 0),
+  ):
+    if where.any():
+      i, t = np.argwhere(where)[0]
+      raise UserInputError(
+        f'losses file {path}: example {unique_ids[i]} {problem} at epoch {unique_epochs[t]}; '
+        'every example needs exactly one loss per epoch'
+      )
+  losses_NxT = np.zeros(count_NxT.shape, np.float64)
+  losses_NxT[example, epoch] = values
+  labels_N = None
+  if 'label' in rows:
+    given = _parsed(rows['label'], int, 'label', 'an integer class', path)
+    labels_N = np.full(len(unique_ids), -1, np.int64)
+    labels_N[example] = given
+    if np.any(labels_N[example] != np.asarray(given)):
+      i = example[np.flatnonzero(labels_N[example] != np.asarray(given))[0]]
+      raise UserInputError(f'losses file {path}: example {unique_ids[i]} has two labels')
+  natural = int_ids is not None and np.array_equal(unique_ids, np.arange(len(unique_ids)))
+  return losses_NxT, None if natural else unique_ids, labels_N
+
+
+def _parsed(values: list[str], kind, name: str, expected: str, path: str) -> list:
+  """`values` as `kind`, or an error naming the first line that does not parse."""
+  parsed = _numbers_if_all(values, kind)
+  if parsed is None:
+    for i, value in enumerate(values):
+      if _numbers_if_all([value], kind) is None:
+        raise UserInputError(
+          f'losses file {path}, line {i + 2}: {name} {value!r} is not {expected}'
+        )
+  return parsed
+
+
+def _numbers_if_all(values: list[str], kind):
+  """`values` as `kind` (int or float) if every one parses, else None."""
+  try:
+    return [kind(v) for v in values]
+  except ValueError:
+    return None
+
+
 def _load_csv(path: str) -> np.ndarray:
   """Numeric CSV, one row per example; a header line, if present, is skipped."""
   try:
@@ -71,16 +160,33 @@ def load_logits(logits_path: str, labels_path: str | None):
 
 
 def load_losses(losses_path=None, logits_path=None, labels_path=None):
-  """(losses (N, T) float, labels (N,) or None) from the user's files, validated."""
+  """(losses (N, T) float, labels (N,) or None, the user's ids (N,) or None) from the user's
+  files, validated. A CSV with columns id, epoch, loss (and label) is the long format."""
   if (losses_path is None) == (logits_path is None):
     raise UserInputError('give either --losses, or --logits together with --labels')
-  if losses_path is not None:
-    where = f'losses file {losses_path}'
+  if losses_path is None:
+    logits, labels = load_logits(logits_path, labels_path)
+    return api.losses_from_logits(logits, labels), labels, None
+  where = f'losses file {losses_path}'
+  header = None
+  if losses_path.endswith('.csv') and os.path.isfile(losses_path):
+    header = _long_header(losses_path)
+  if header is None:
     losses = api.check_losses(_load_array(losses_path, 'losses'), where)
     labels = None if labels_path is None else _load_labels(labels_path, len(losses), None)
-    return losses, labels
-  logits, labels = load_logits(logits_path, labels_path)
-  return api.losses_from_logits(logits, labels), labels
+    return losses, labels, None
+  losses, ids, labels = load_long_csv(losses_path, header)
+  if labels_path is not None:
+    if labels is not None or ids is not None:
+      has = 'a label column' if labels is not None else 'its own ids'
+      raise UserInputError(
+        f'{where} is in the long format with {has}: give the labels as its label column, '
+        'not --labels'
+      )
+    labels = _load_labels(labels_path, len(losses), None)
+  elif labels is not None:
+    labels = checks.class_labels(labels, f'{where} label column').astype(np.int64)
+  return api.check_losses(losses, where), labels, ids
 
 
 def _load_labels(path: str, num_examples: int, num_classes: int | None) -> np.ndarray:
@@ -115,12 +221,14 @@ def score(
   statistic='aul',
   rule='gmm',
   mixture=config_lib.MIXTURE,
+  ids_N=None,
 ):
   """The detector `statistic` + `rule` and every output file's contents for given
   trajectories.
 
   `statistics` (from `statistics_from_logits`) holds the dynamics when logits were given;
-  without them only the AUL ('aul') and the last loss ('last_loss') are known. Returns
+  without them only the AUL ('aul') and the last loss ('last_loss') are known. `ids_N`, the
+  user's own example ids, become an `id` column. Returns
   (scores columns, summary, tables, figures) ready for `outputs.write_run_outputs`.
   """
   losses_NxT = np.asarray(losses_NxT, np.float64)
@@ -137,6 +245,7 @@ def score(
     detector={'statistic': statistic, 'rule': rule},
     paper=paper,
     is_mislabeled_N=is_mislabeled_N,
+    ids_N=ids_N,
     n_epochs=losses_NxT.shape[1],
   )
   pictures = figures.run_figures(
@@ -157,9 +266,9 @@ def score_files(
   """
   config_lib.check_workdir(workdir)
   workdir_lib.refuse_other_kind(workdir, 'scoring')  # Before the work; again under the lock.
-  statistics = None
+  statistics, ids_N = None, None
   if logits is None or losses is not None:
-    losses_NxT, labels_N = load_losses(losses, logits, labels)  # Also refuses both at once.
+    losses_NxT, labels_N, ids_N = load_losses(losses, logits, labels)  # Refuses both at once.
   else:
     logits_TxNxK, labels_N = load_logits(logits, labels)
     losses_NxT = api.losses_from_logits(logits_TxNxK, labels_N)
@@ -177,6 +286,7 @@ def score_files(
     statistics=statistics,
     statistic=statistic,
     rule=rule,
+    ids_N=ids_N,
   )
   summary['inputs'] = {'losses': losses, 'logits': logits, 'labels': labels, 'truth': truth}
   with workdir_lib.held(workdir, 'a scoring run'):
@@ -185,7 +295,12 @@ def score_files(
   return summary
 
 
-_LOSSES = flags.DEFINE_string('losses', None, '(N, T) per-example losses: .npy, .npz or .csv.')
+_LOSSES = flags.DEFINE_string(
+  'losses',
+  None,
+  '(N, T) per-example losses: .npy, .npz or .csv; or a CSV of id,epoch,loss[,label] rows '
+  '(ids may be strings).',
+)
 _LOGITS = flags.DEFINE_string('logits', None, '(T, N, K) per-epoch logits: .npy or .npz.')
 _LABELS = flags.DEFINE_string('labels', None, '(N,) given labels, needed with --logits.')
 _TRUTH = flags.DEFINE_string('truth', None, '(N,) known mislabeled mask, for metrics.')

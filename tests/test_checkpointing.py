@@ -13,6 +13,9 @@ from aul_jax import pipeline
 from aul_jax.errors import DivergedError, Preempted, UserInputError
 from tests.test_pipeline import ROOT, load_config
 
+# The module's trained runs are shared by its tests: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group('checkpointing')
+
 
 def _config(method='aul'):
   config = load_config('digits')

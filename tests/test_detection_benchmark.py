@@ -7,6 +7,9 @@ import pytest
 
 from benchmarks import detection
 
+# The module's trained runs are shared by its tests: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group('detection_benchmark')
+
 QUICK = ['--quick', '--cv-folds', '2']
 
 

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from tests import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, 'docs')
 MARKER = re.compile(r'<!-- test: (\S+)(.*?) -->\n```(\w+)\n(.*?)```', re.S)
@@ -51,7 +53,7 @@ def _with_args(command: str, args: list[str]) -> str:
 
 def _run(command: list[str], **kwargs):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = xla_flags()  # One device, as a user's machine has.
   result = subprocess.run(
     command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs
   )

@@ -19,6 +19,9 @@ from aul_jax.errors import Preempted, UserInputError
 from tests.test_checkpointing import _files
 from tests.test_pipeline import ROOT, load_config
 
+# The module's trained runs are shared by its tests: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group('faults')
+
 # The digits default (two detection rounds), short, with a checkpoint after every epoch so
 # that there are older checkpoints to fall back to.
 OVERRIDES = {'aul.epochs': 3, 'checkpoint.every_epochs': 1, 'tensorboard': False}

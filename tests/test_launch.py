@@ -18,13 +18,14 @@ from absl import flags
 
 import launch as launch_script
 from aul_jax import cli
+from tests import xla_flags
 from tests.test_pipeline import SCORES_COLUMNS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch(*args, workdir):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(devices=2))
   return subprocess.run(
     [sys.executable, 'launch.py', f'--workdir={workdir}', *args],
     cwd=ROOT,

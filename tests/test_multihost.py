@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from aul_jax import distributed
+from tests import xla_flags
 from tests.test_pipeline import ROOT
 
 ARGS = ['--config=configs/digits.py', '--config.aul.epochs=3', '--config.retrain.epochs=2']
@@ -23,7 +24,7 @@ def _launch(workdir, devices_per_process, extra=(), wait=True):
   env = dict(
     os.environ,
     JAX_PLATFORMS='cpu',
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}',
+    XLA_FLAGS=xla_flags(devices=devices_per_process),
   )
   command = [sys.executable, 'launch.py', f'--workdir={workdir}', *ARGS, *extra]
   process = subprocess.Popen(

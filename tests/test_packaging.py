@@ -13,6 +13,8 @@ import zipfile
 import numpy as np
 import pytest
 
+from tests import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -53,8 +55,7 @@ def installed(tmp_path_factory):
   target = tmp / 'site'
   install = [sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target', str(target)]
   subprocess.run([*install, str(wheel)], check=True, capture_output=True)
-  env = dict(os.environ, PYTHONPATH=str(target), JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = dict(os.environ, PYTHONPATH=str(target), JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags())
   return wheel, target, env
 
 

@@ -11,6 +11,9 @@ import pytest
 from aul_jax import pipeline, report
 from aul_jax.errors import UserInputError
 
+# The module's trained runs are shared by its tests: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group('pipeline')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -32,6 +32,10 @@ def test_log_lines_when_not_on_a_terminal():
 def test_bar_on_a_terminal(monkeypatch):
   stream = io.StringIO()
   monkeypatch.setattr('sys.stderr', stream)
+  # A terminal wide enough for the whole bar: tqdm cuts it at the width it finds, which
+  # differs between a terminal, CI and a pytest-xdist worker.
+  monkeypatch.setenv('COLUMNS', '200')
+  monkeypatch.setenv('LINES', '50')
   lines = []
   with progress.Progress(lines.append, interactive=True) as p:
     p.start_stage('retrain', 3, 1, 0)

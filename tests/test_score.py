@@ -218,3 +218,100 @@ def test_pred_probs_for_cleanlab_have_our_label_quality_as_self_confidence():
   np.testing.assert_allclose(pred_probs.sum(1), 1.0)
   np.testing.assert_allclose(pred_probs[np.arange(4), labels], quality)
   np.testing.assert_allclose(pred_probs[1], [0.45, 0.45, 0.1])
+
+
+def _long_rows(losses, ids, labels=None, seed=0):
+  """One `id,epoch,loss[,label]` row per measurement, in a shuffled order."""
+  rows = [
+    [ids[i], t, repr(float(losses[i, t]))] + ([] if labels is None else [int(labels[i])])
+    for i in range(len(losses))
+    for t in range(losses.shape[1])
+  ]
+  order = np.random.default_rng(seed).permutation(len(rows))
+  return [rows[j] for j in order]
+
+
+def _write_csv(path, header, rows):
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
+def test_the_long_format_with_string_ids_scores_like_the_array(tmp_path):
+  losses, truth = _trajectories(num_examples=120, num_epochs=5)
+  labels = np.arange(120) % 3
+  ids = [f'img,{i:03d}' if i % 7 == 0 else f'img_{i:03d}' for i in range(120)]  # Sorted order
+  _write_csv(
+    tmp_path / 'long.csv', ['id', 'epoch', 'loss', 'label'], _long_rows(losses, ids, labels)
+  )
+  score.score_files(str(tmp_path / 'long'), losses=str(tmp_path / 'long.csv'))
+  order = np.argsort(ids)  # Examples are in sorted id order.
+  np.save(tmp_path / 'wide.npy', losses[order])
+  np.save(tmp_path / 'labels.npy', labels[order])
+  score.score_files(
+    str(tmp_path / 'wide'), losses=str(tmp_path / 'wide.npy'), labels=str(tmp_path / 'labels.npy')
+  )
+  with open(tmp_path / 'long' / 'scores.csv') as f:
+    long_rows = list(csv.DictReader(f))
+  with open(tmp_path / 'wide' / 'scores.csv') as f:
+    wide_rows = list(csv.DictReader(f))
+  assert [r['id'] for r in long_rows] == [ids[i] for i in order]
+  for long_row, wide_row in zip(long_rows, wide_rows, strict=True):
+    assert {k: v for k, v in long_row.items() if k != 'id'} == wide_row
+  with open(tmp_path / 'long' / 'ranked_issues.csv') as f:
+    ranked = list(csv.DictReader(f))
+  assert all(r['id'] == ids[order[int(r['index'])]] for r in ranked)
+
+
+def test_long_format_integer_ids_0_to_n_need_no_id_column(tmp_path):
+  losses, _ = _trajectories(num_examples=30, num_epochs=3)
+  _write_csv(
+    tmp_path / 'long.csv',
+    ['epoch', 'id', 'loss'],
+    [[t, i, loss] for i, t, loss in _long_rows(losses, range(30))],
+  )
+  loaded, labels, ids = score.load_losses(str(tmp_path / 'long.csv'))
+  np.testing.assert_allclose(loaded, losses)
+  assert labels is None and ids is None
+
+
+@pytest.mark.parametrize(
+  'rows, message',
+  [
+    ([['a', 0, 1.0], ['a', 0, 2.0], ['a', 1, 1.0]], 'example a has more than one loss at epoch 0'),
+    ([['a', 0, 1.0], ['b', 0, 1.0], ['a', 1, 1.0]], 'example b has no loss at epoch 1'),
+    ([['a', 0, 'high']], "line 2: loss 'high' is not a number"),
+    ([['a', 'first', 1.0]], "line 2: epoch 'first' is not an integer"),
+    ([['a', 0]], r'line 2: 2 values, expected 3 \(id,epoch,loss\)'),
+    ([['a', 0, 'nan']], r'entry \(0, 0\) is not finite'),
+  ],
+)
+def test_bad_long_files_are_named(rows, message, tmp_path):
+  _write_csv(tmp_path / 'long.csv', ['id', 'epoch', 'loss'], rows)
+  with pytest.raises(UserInputError, match=message):
+    score.load_losses(str(tmp_path / 'long.csv'))
+
+
+def test_long_labels_come_once(tmp_path):
+  _write_csv(
+    tmp_path / 'two.csv', ['id', 'epoch', 'loss', 'label'], [['a', 0, 1.0, 1], ['a', 1, 1.0, 2]]
+  )
+  with pytest.raises(UserInputError, match='example a has two labels'):
+    score.load_losses(str(tmp_path / 'two.csv'))
+  _write_csv(tmp_path / 'own.csv', ['id', 'epoch', 'loss'], [['a', 0, 1.0], ['b', 0, 1.0]])
+  np.save(tmp_path / 'labels.npy', np.array([0, 1]))
+  with pytest.raises(UserInputError, match='with its own ids: give the labels as its label column'):
+    score.load_losses(str(tmp_path / 'own.csv'), labels_path=str(tmp_path / 'labels.npy'))
+
+
+def test_npy_logits_are_memory_mapped_and_read_epoch_by_epoch(tmp_path):
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(3, 40, 4)).astype(np.float32)
+  labels = rng.integers(0, 4, 40)
+  np.save(tmp_path / 'logits.npy', logits)
+  np.save(tmp_path / 'labels.npy', labels)
+  mapped, _ = score.load_logits(str(tmp_path / 'logits.npy'), str(tmp_path / 'labels.npy'))
+  assert isinstance(mapped, np.memmap)
+  for name, value in api.statistics_from_logits(mapped, labels).items():
+    np.testing.assert_array_equal(value, api.statistics_from_logits(logits, labels)[name])

@@ -13,6 +13,9 @@ from aul_jax.errors import Preempted
 from tests.test_checkpointing import _stop_at
 from tests.test_pipeline import load_config
 
+# The module's trained runs are shared by its tests: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group('trials')
+
 NUM_EXAMPLES = 203  # Not a multiple of the batch: the last batch is partial.
 BATCH = 64
 TRIALS = 3
