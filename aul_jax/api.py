@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aul_jax import checks, detectors, dynamics, losses
+from aul_jax import checks, detectors, dynamics, losses, report
 from aul_jax import config as config_lib
 from aul_jax.errors import UserInputError
 
@@ -30,8 +30,9 @@ class LabelIssues:
 
   labels_N: np.ndarray  # The given labels.
   is_label_issue_N: np.ndarray  # bool: flagged, p(mislabeled) > 0.5.
-  score_N: np.ndarray  # Higher = more likely mislabeled; ranks the issues.
+  score_N: np.ndarray  # Higher = more likely mislabeled (the detector's statistic).
   p_mislabeled_N: np.ndarray  # The rule's p(mislabeled) (0/1 for the sign rule).
+  label_quality_N: np.ndarray  # cleanlab's: lower = more likely mislabeled; ranks the issues.
   noise_estimate: float  # The rule's estimate of the fraction mislabeled.
   suggested_label_N: np.ndarray | None  # The class most often out-scoring the given one.
   statistics: dict  # Every per-example statistic (`dynamics.statistics`, and the AUL).
@@ -40,9 +41,10 @@ class LabelIssues:
 
   @property
   def ranked_indices(self) -> np.ndarray:
-    """Indices of the flagged examples, most suspicious (highest score) first."""
-    flagged = np.flatnonzero(self.is_label_issue_N)
-    return flagged[np.argsort(-self.score_N[flagged], kind='stable')]
+    """Indices of the flagged examples, lowest label quality (most suspicious) first, ties
+    by index: the top of ranked_issues.csv."""
+    order = report.quality_order(self.label_quality_N)
+    return order[self.is_label_issue_N[order]]
 
   def to_dataframe(self):
     """A pandas DataFrame, one row per example: label, verdict, score and statistics."""
@@ -55,6 +57,7 @@ class LabelIssues:
       'is_label_issue': self.is_label_issue_N,
       'score': self.score_N,
       'p_mislabeled': self.p_mislabeled_N,
+      'label_quality': self.label_quality_N,
     }
     if self.suggested_label_N is not None:
       columns['suggested_label'] = self.suggested_label_N
@@ -224,6 +227,9 @@ def find_label_issues(
     is_label_issue_N=verdict.flagged_N,
     score_N=np.asarray(verdict.score_N, np.float64),
     p_mislabeled_N=np.asarray(verdict.p_mislabeled_N, np.float64),
+    label_quality_N=report.label_quality(
+      verdict.p_mislabeled_N, verdict.score_N, hard=verdict.mixture is None
+    ),
     noise_estimate=float(verdict.noise_estimate),
     suggested_label_N=None if suggested is None else suggested.astype(np.int64),
     statistics=statistics,

@@ -44,8 +44,19 @@ def detection_columns(
     'p_mislabeled': p_N,
     'flagged': flagged_N,
     'label_issue': flagged_N,
-    'label_quality': hard_rule_quality(score_N) if hard else 1.0 - p_N,
+    'label_quality': label_quality(p_N, score_N, hard),
   }
+
+
+def label_quality(p_mislabeled_N, score_N, hard: bool) -> np.ndarray:
+  """cleanlab's label quality (lower = more likely mislabeled): 1 - p_mislabeled, or, for a
+  `hard` rule whose p_mislabeled is the 0/1 flag, `hard_rule_quality` of the score."""
+  return hard_rule_quality(score_N) if hard else 1.0 - np.asarray(p_mislabeled_N, np.float64)
+
+
+def quality_order(quality_N: np.ndarray) -> np.ndarray:
+  """Indices by ascending label quality (most likely mislabeled first), ties by index."""
+  return np.lexsort((np.arange(len(quality_N)), quality_N))
 
 
 def statistic_columns(statistics: Mapping[str, np.ndarray], prefix: str = '') -> dict:
@@ -221,7 +232,7 @@ def ranked_issues(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Every example, lowest label quality (most likely mislabeled) first, ties by index:
   ranked_issues.csv (with the user's `id` beside the index when there is one)."""
   quality_N = columns['label_quality']
-  order = np.lexsort((np.arange(len(quality_N)), quality_N))
+  order = quality_order(quality_N)
   ranked = {'rank': np.arange(len(order)), 'index': order}
   if 'id' in columns:
     ranked['id'] = columns['id'][order]

@@ -32,12 +32,17 @@ def test_finds_the_flipped_labels_and_suggests_the_true_ones():
   assert np.mean(issues.suggested_label_N[flagged] == true_N[flagged]) > 0.95
 
 
-def test_ranked_indices_are_the_flagged_examples_by_falling_score():
+@pytest.mark.parametrize('statistic, rule', [('aum', 'sign'), ('aul', 'gmm')])
+def test_ranked_indices_are_the_flagged_examples_by_rising_label_quality(statistic, rule):
   logits, given_N, _, _ = noisy_logits()
-  issues = aul_jax.find_label_issues(given_N, logits=logits)
+  issues = aul_jax.find_label_issues(given_N, logits=logits, statistic=statistic, rule=rule)
   ranked = issues.ranked_indices
   assert set(ranked) == set(np.flatnonzero(issues.is_label_issue_N))
-  assert np.all(np.diff(issues.score_N[ranked]) <= 0)
+  assert np.all(np.diff(issues.label_quality_N[ranked]) >= 0)
+  # Below 0.5 exactly for the flagged; continuous under the hard rule too.
+  if rule == 'sign':
+    assert len(np.unique(issues.label_quality_N)) > len(given_N) // 2
+  np.testing.assert_array_equal(issues.label_quality_N < 0.5, issues.is_label_issue_N)
 
 
 def test_same_verdict_as_the_detectors_on_the_same_statistics():
