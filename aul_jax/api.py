@@ -110,23 +110,10 @@ def _check_finite(array: np.ndarray, where: str, block: int = 1 << 22) -> None:
       raise UserInputError(f'{where}: entry {first} is not finite')
 
 
-def losses_from_logits(logits_TxNxK, labels_N) -> np.ndarray:
-  """Per-epoch softmax cross-entropy of each example's given label, as (N, T) float64; one
-  epoch at a time, so (T, N, K) logits may be a memory-mapped file."""
-  labels = jnp.asarray(labels_N)
-
-  @jax.jit
-  def epoch_loss(logits_NxK):
-    log_p = jax.nn.log_softmax(logits_NxK.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
-
-  loss_TxN = [np.asarray(epoch_loss(jnp.asarray(logits_NxK))) for logits_NxK in logits_TxNxK]
-  return np.stack(loss_TxN, axis=1).astype(np.float64)
-
-
-def statistics_from_logits(logits_TxNxK, labels_N) -> dict[str, np.ndarray]:
-  """The AUL and every `dynamics.statistics` of (T, N, K) per-epoch logits, as (N,) arrays,
-  folded epoch by epoch exactly as a training run folds them (one epoch in memory at a time)."""
+def fold_logits(logits_TxNxK, labels_N) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """(statistics, losses): the AUL and every `dynamics.statistics` of (T, N, K) per-epoch
+  logits as (N,) arrays, and each epoch's loss as (N, T) float64, in one pass folded epoch by
+  epoch exactly as a training run folds them (so the logits may be a memory-mapped file)."""
   labels = jnp.asarray(labels_N)
 
   @functools.partial(jax.jit, donate_argnums=0)
@@ -136,14 +123,28 @@ def statistics_from_logits(logits_TxNxK, labels_N) -> dict[str, np.ndarray]:
     loss_N = losses.cross_entropy(logits_NxK, labels)
     epoch = {'loss': loss_N, **dynamics.per_example(logits_NxK, labels)}
     epoch = {k: v.astype(jnp.float32) for k, v in epoch.items()}
-    return aul_N + loss_N, dynamics.add_epoch(dyn, epoch)
+    return (aul_N + loss_N, dynamics.add_epoch(dyn, epoch)), loss_N
 
   state = (jnp.zeros(len(labels_N), jnp.float32), dynamics.init_dynamics(len(labels_N)))
+  loss_TxN = []
   for logits_NxK in logits_TxNxK:
-    state = fold(state, jnp.asarray(logits_NxK))
+    state, loss_N = fold(state, jnp.asarray(logits_NxK))
+    loss_TxN.append(loss_N)
   aul_N, dyn = state
   stats = {'aul': aul_N, **dynamics.statistics(dyn)}
-  return {k: np.asarray(v, np.float64) for k, v in stats.items()}
+  stats = {k: np.asarray(v, np.float64) for k, v in stats.items()}
+  return stats, np.stack([np.asarray(v) for v in loss_TxN], axis=1).astype(np.float64)
+
+
+def statistics_from_logits(logits_TxNxK, labels_N) -> dict[str, np.ndarray]:
+  """The statistics of `fold_logits`."""
+  return fold_logits(logits_TxNxK, labels_N)[0]
+
+
+def losses_from_logits(logits_TxNxK, labels_N) -> np.ndarray:
+  """Per-epoch softmax cross-entropy of each example's given label (the training run's
+  `losses.cross_entropy`), as (N, T) float64: the losses of `fold_logits`."""
+  return fold_logits(logits_TxNxK, labels_N)[1]
 
 
 def statistics_from_losses(losses_NxT) -> dict[str, np.ndarray]:

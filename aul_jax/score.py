@@ -226,7 +226,7 @@ def score(
   """The detector `statistic` + `rule` and every output file's contents for given
   trajectories.
 
-  `statistics` (from `statistics_from_logits`) holds the dynamics when logits were given;
+  `statistics` (from `api.fold_logits`) holds the dynamics when logits were given;
   without them only the AUL ('aul') and the last loss ('last_loss') are known. `ids_N`, the
   user's own example ids, become an `id` column. Returns
   (scores columns, summary, tables, figures) ready for `outputs.write_run_outputs`.
@@ -271,8 +271,7 @@ def score_files(
     losses_NxT, labels_N, ids_N = load_losses(losses, logits, labels)  # Refuses both at once.
   else:
     logits_TxNxK, labels_N = load_logits(logits, labels)
-    losses_NxT = api.losses_from_logits(logits_TxNxK, labels_N)
-    statistics = api.statistics_from_logits(logits_TxNxK, labels_N)
+    statistics, losses_NxT = api.fold_logits(logits_TxNxK, labels_N)  # One pass over them.
   default_statistic, default_rule = api.default_detector(statistics is not None)
   statistic = statistic or default_statistic
   rule = rule or (default_rule if statistic == default_statistic else 'gmm')
