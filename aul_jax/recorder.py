@@ -44,6 +44,13 @@ def as_array(x, what: str) -> jax.Array:
     raise TypeError(f'{what}: cannot read a {type(x).__name__} as an array ({e})') from None
 
 
+def _host(x, what: str) -> np.ndarray:
+  """A small array (ids, labels) on the host, where it is checked and indexes the labels."""
+  return (
+    np.asarray(x) if isinstance(x, np.ndarray | list | tuple) else np.asarray(as_array(x, what))
+  )
+
+
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def _add_batch(epoch_NxQ, seen_N, ids_B, labels_B, logits_BxK, loss_B):
   """Scatters one batch's values (`dynamics.PER_EXAMPLE`, or the loss alone) and counts."""
@@ -95,8 +102,8 @@ class Recorder:
     and/or (B,) per-example losses."""
     if logits is None and losses is None:
       raise ValueError('update needs logits=(B, K) or losses=(B,), or both')
-    ids_B = as_array(ids, 'ids').astype(jnp.int32).reshape(-1)
-    labels_B = as_array(labels, 'labels').reshape(-1)
+    ids_B = _host(ids, 'ids').astype(np.int64).reshape(-1)
+    labels_B = _host(labels, 'labels').reshape(-1)
     logits_BxK = None if logits is None else as_array(logits, 'logits')
     loss_B = None if losses is None else as_array(losses, 'losses').reshape(-1)
     self._check_batch(ids_B, labels_B, logits_BxK, loss_B)
@@ -112,9 +119,14 @@ class Recorder:
     if self._epoch_NxQ is None:
       self._epoch_NxQ = aul.init_epoch_values(self.num_examples, tracked)
     self._epoch_NxQ, self._seen_N = _add_batch(
-      self._epoch_NxQ, self._seen_N, ids_B, labels_B.astype(jnp.int32), logits_BxK, loss_B
+      self._epoch_NxQ,
+      self._seen_N,
+      ids_B.astype(np.int32),
+      labels_B.astype(np.int32),
+      logits_BxK,
+      loss_B,
     )
-    self._labels_N[np.asarray(ids_B)] = np.asarray(labels_B)
+    self._labels_N[ids_B] = labels_B
 
   def _check_labels_fixed(self, ids, labels) -> None:
     known = self._labels_N[ids]
@@ -139,10 +151,9 @@ class Recorder:
         )
     if loss_B is not None and len(loss_B) != size:
       raise ValueError(f'{size} ids but {len(loss_B)} losses')
-    ids = np.asarray(ids_B)
+    ids, labels = ids_B, labels_B  # On the host (`_host`).
     if size and (ids.min() < 0 or ids.max() >= self.num_examples):
       raise ValueError(f'ids must be in [0, {self.num_examples}); got {ids.min()}..{ids.max()}')
-    labels = np.asarray(labels_B)
     if not np.issubdtype(labels.dtype, np.integer):
       raise ValueError(f'labels must be integers, got {labels.dtype}')
     classes = self.num_classes or (logits_BxK.shape[1] if logits_BxK is not None else None)
