@@ -15,6 +15,9 @@ import pytest
 
 from tests import xla_flags
 
+# The wheel is built once, for both of its tests: one pytest-xdist worker runs them.
+pytestmark = pytest.mark.xdist_group('packaging')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -13,6 +13,9 @@ from aul_jax import train as train_lib
 from aul_jax.errors import Preempted, UserInputError
 from tests.test_pipeline import load_config
 
+# The module's trained runs are shared by its tests: one pytest-xdist worker runs them all.
+pytestmark = pytest.mark.xdist_group('rounds')
+
 
 def _config(rounds):
   config = load_config('digits')
