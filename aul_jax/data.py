@@ -9,8 +9,6 @@ import difflib
 import zipfile
 
 import numpy as np
-from sklearn import datasets as sk_datasets
-from sklearn import model_selection
 
 from aul_jax import checks
 from aul_jax.errors import UserInputError
@@ -80,6 +78,11 @@ def _load_digits(test_fraction: float, split_seed: int) -> _RawArrays:
     raise UserInputError(f'data.test_fraction {test_fraction} is invalid; expected 0 < f < 1')
   if not checks.is_int(split_seed) or split_seed < 0:
     raise UserInputError(f'data.split_seed {split_seed!r} is invalid; expected an integer >= 0')
+  # Imported here: scikit-learn takes 1.4 s to import, which every other data set, every
+  # config error and every command's start-up would pay.
+  from sklearn import datasets as sk_datasets
+  from sklearn import model_selection
+
   digits = sk_datasets.load_digits()
   x_NHWC = digits.images[..., None]
   y_N = digits.target.astype(np.int32)

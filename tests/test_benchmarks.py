@@ -15,14 +15,14 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from benchmarks import train_throughput
+from tests import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_benchmark(script, *args):
   """Runs benchmarks/`script` --quick as a user would; returns (stdout, the last line's JSON)."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['JAX_PLATFORMS'] = 'cpu'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags())
   result = subprocess.run(
     [sys.executable, os.path.join('benchmarks', script), '--quick', *args],
     cwd=ROOT,

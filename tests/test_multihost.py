@@ -11,7 +11,13 @@ from aul_jax import distributed
 from tests import xla_flags
 from tests.test_pipeline import ROOT
 
-ARGS = ['--config=configs/digits.py', '--config.aul.epochs=3', '--config.retrain.epochs=2']
+# One round: the two-process run of the default's two rounds is docs/multihost.md's (test_docs).
+ARGS = [
+  '--config=configs/digits.py',
+  '--config.aul.epochs=3',
+  '--config.retrain.epochs=2',
+  '--config.detector.rounds=1',
+]
 
 
 def _free_port() -> int:
