@@ -3,17 +3,23 @@
 All files are staged in a folder of the workdir and renamed into place only once all of them
 were written. summary.json, which marks a run complete and lists the other files, is removed
 first and renamed last, so a run that failed half-way is never taken for a complete one.
+CSVs are streamed to disk a block of rows at a time and arrays are saved straight into their
+file, so writing the outputs of N examples holds no N-row text in memory.
 """
 
-import io
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
+
+# What write_files takes for a file: text, bytes, an array (saved as .npy) or text chunks.
+Content = str | bytes | np.ndarray | Iterable[str]
+
+ROWS_PER_CHUNK = 1 << 13  # CSV rows formatted per write: about 2 MB of text at 12 columns.
 
 
 def _format_value(value) -> str:
@@ -26,13 +32,22 @@ def _format_value(value) -> str:
   return str(value)
 
 
-def scores_csv(columns: Mapping[str, np.ndarray]) -> str:
-  """One row per example; floats printed with repr, so they round-trip exactly."""
+def csv_chunks(
+  columns: Mapping[str, np.ndarray], rows_per_chunk: int = ROWS_PER_CHUNK
+) -> Iterator[str]:
+  """A CSV of one row per example, as the header and then blocks of rows: floats printed
+  with repr, so they round-trip exactly. Only one block's text exists at a time."""
   names = list(columns)
-  rows = zip(*(np.asarray(columns[name]).tolist() for name in names), strict=True)
-  lines = [','.join(names)]
-  lines.extend(','.join(_format_value(v) for v in row) for row in rows)
-  return '\n'.join(lines) + '\n'
+  arrays = [np.asarray(columns[name]) for name in names]
+  lengths = {len(a) for a in arrays}
+  if len(lengths) > 1:
+    raise ValueError(
+      f'columns of different lengths: {dict(zip(names, map(len, arrays), strict=True))}'
+    )
+  yield ','.join(names) + '\n'
+  for start in range(0, lengths.pop() if lengths else 0, rows_per_chunk):
+    rows = zip(*(a[start : start + rows_per_chunk].tolist() for a in arrays), strict=True)
+    yield ''.join(','.join(_format_value(v) for v in row) + '\n' for row in rows)
 
 
 def _json_default(value):
@@ -58,12 +73,6 @@ def _nan_to_none(value):
   return value
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-  buffer = io.BytesIO()
-  np.save(buffer, array, allow_pickle=False)
-  return buffer.getvalue()
-
-
 def _umask() -> int:
   mask = os.umask(0)
   os.umask(mask)
@@ -73,8 +82,22 @@ def _umask() -> int:
 STAGING_PREFIX = '.outputs-'  # WORKDIR/.outputs-XXXX: the files of a write in progress.
 
 
-def write_files(workdir: str, contents: Mapping[str, str | bytes], last: str | None = None) -> None:
-  """Writes `{name: text or bytes}` into `workdir` as a set.
+def _write_content(path: str, content: Content) -> None:
+  """One staged file, fsynced: text, bytes, an array as .npy, or text chunks as they come."""
+  with open(path, 'w' if isinstance(content, str) else 'wb') as f:
+    if isinstance(content, str | bytes):
+      f.write(content)
+    elif isinstance(content, np.ndarray):
+      np.save(f, content, allow_pickle=False)
+    else:
+      for chunk in content:
+        f.write(chunk.encode())
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def write_files(workdir: str, contents: Mapping[str, Content], last: str | None = None) -> None:
+  """Writes `{name: content}` into `workdir` as a set.
 
   All files are first written (and fsynced) into a staging folder in the workdir. Then the
   old completion marker `last` is removed, the files are renamed into place, and `last` is
@@ -90,10 +113,7 @@ def write_files(workdir: str, contents: Mapping[str, str | bytes], last: str | N
     for name, content in contents.items():
       path = os.path.join(staging, name)
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path, 'wb' if isinstance(content, bytes) else 'w') as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
+      _write_content(path, content)
       os.chmod(path, 0o666 & ~_umask())
     if last is not None and os.path.exists(os.path.join(workdir, last)):
       os.remove(os.path.join(workdir, last))
@@ -134,14 +154,14 @@ def write_run_outputs(
   """One run's files: scores.csv, aul_history.npy (N, T), PNGs, other CSVs and .npy arrays
   (names may have a folder, as 'trials/...'), and last summary.json, which lists them under
   'outputs'."""
-  contents: dict[str, str | bytes] = {
-    'scores.csv': scores_csv(scores),
+  contents: dict[str, Content] = {
+    'scores.csv': csv_chunks(scores),
     **(figures or {}),
-    **{name: scores_csv(columns) for name, columns in (tables or {}).items()},
-    **{name: _npy_bytes(np.asarray(array)) for name, array in (arrays or {}).items()},
+    **{name: csv_chunks(columns) for name, columns in (tables or {}).items()},
+    **{name: np.asarray(array) for name, array in (arrays or {}).items()},
   }
   if history_NxT is not None:
-    contents['aul_history.npy'] = _npy_bytes(np.asarray(history_NxT, np.float32))
+    contents['aul_history.npy'] = np.asarray(history_NxT, np.float32)
   summary = {**summary, 'outputs': sorted(contents)}
   contents['summary.json'] = summary_json(summary)
   write_files(workdir, contents, last='summary.json')

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -56,3 +57,40 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
   with pytest.raises(TypeError):
     outputs.write_run_outputs(str(tmp_path), {'index': np.arange(2)}, {'bad': Unwritable()})
   assert os.listdir(tmp_path) == []
+
+
+def test_csv_blocks_join_to_the_same_text_whatever_their_size():
+  rng = np.random.default_rng(0)
+  columns = {'id': np.array(['a', 'b,"c"', 'd'] * 4), 'aul': rng.random(12), 'k': np.arange(12)}
+  texts = {''.join(outputs.csv_chunks(columns, rows_per_chunk=n)) for n in (1, 5, 12, 100)}
+  assert len(texts) == 1
+  text = texts.pop()
+  assert text.count('\n') == 13 and text.startswith('id,aul,k\n')
+  rows = list(csv.DictReader(text.splitlines()))
+  assert [r['id'] for r in rows] == columns['id'].tolist()
+  assert [float(r['aul']) for r in rows] == columns['aul'].tolist()
+  with pytest.raises(ValueError, match='different lengths'):
+    list(outputs.csv_chunks({'a': np.arange(3), 'b': np.arange(4)}))
+
+
+def test_a_large_scores_csv_is_streamed_not_built_in_memory(tmp_path):
+  """The old writer held every row's text at once (more than the file's size); the stream
+  holds one block of rows."""
+  n = 250_000
+  rng = np.random.default_rng(0)
+  columns = {'index': np.arange(n), **{name: rng.random(n) for name in ('aul', 'aum', 'score')}}
+  history_NxT = rng.random((n, 4)).astype(np.float32)
+  tracemalloc.start()
+  try:
+    outputs.write_run_outputs(str(tmp_path), columns, {}, history_NxT=history_NxT)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  size = os.path.getsize(tmp_path / 'scores.csv')
+  assert size > 15e6
+  assert peak < size / 2, (peak, size)
+  with open(tmp_path / 'scores.csv') as f:
+    last = f.read().splitlines()[-1].split(',')
+  assert int(last[0]) == n - 1 and float(last[3]) == columns['score'][-1]
+  saved = np.load(tmp_path / 'aul_history.npy')
+  np.testing.assert_array_equal(saved, history_NxT)
