@@ -6,7 +6,8 @@
 # byte-identical resume tests pass under it. The pytest processes themselves keep XLA's
 # default: their execution-heavy tests (mixture fits, detection matrices) ran slower without
 # it, and the whole suite took 13m50s that way against 13m10s (2 cores). Runs a user makes,
-# and the benchmarks (whose speed is the point), compile as usual.
+# and the benchmarks (whose speed is the point), compile as usual; their --quick runs in
+# tests check fields, not speed, so they compile like the other test subprocesses.
 COMPILE_FLAGS = '--xla_backend_optimization_level=0'
 
 
