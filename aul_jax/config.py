@@ -37,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(
     {'name': 'digits', 'path': '', 'data_dir': '', 'test_fraction': 0.2, 'split_seed': 0}
   )
+  # TFDS only: the feature trained on, and one of true labels when the data set has both
+  # (CIFAR-10N: 'worse_label' and 'label'); the noise is then real and noise.kind 'none'.
+  config.data.label_key = 'label'
+  config.data.clean_label_key = ''
   # 'device': the training images live on the accelerator and an epoch is one compiled
   # program. 'stream': they stay in host memory and each step's batch is sent over, for
   # data sets larger than device memory.
@@ -93,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
       'warmup_epochs': 0.0,
       'clip_grad_norm': 0.0,
       'reed_beta': 0.8,  # reed_hard: weight of the given label in the bootstrapped target.
-      'coteaching_forget_rate': -1.0,  # < 0: the injected noise rate, as Han et al. assume.
+      'coteaching_forget_rate': -1.0,  # < 0: the (known) noise rate, as Han et al. assume.
       'coteaching_gradual_fraction': 0.05,  # The forget rate ramps up over 10 of 200 epochs.
     }
   )
@@ -179,6 +183,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     checks.is_number(rate) and 0 <= rate < 1, f'noise.rate={rate!r}; expected a number in [0, 1)'
   )
   noise.transition_matrix(config.noise.kind, rate, 2)  # Validates the kind against the rate.
+  if config.data.clean_label_key:
+    check_real_noise(config.noise.kind)
   _require(
     config.model.dtype in COMPUTE_DTYPES,
     f'model.dtype={config.model.dtype!r}; expected one of {COMPUTE_DTYPES}',
@@ -326,11 +332,23 @@ def validate_distributed(distributed: ml_collections.ConfigDict) -> None:
   )
 
 
+def check_real_noise(noise_kind: str) -> None:
+  """Labels with true ones beside them (data.clean_label_key) are noisy already: no
+  synthetic noise goes on top."""
+  _require(
+    noise_kind == 'none',
+    f'data.clean_label_key is set, so the labels are noisy already, but noise.kind is '
+    f"{noise_kind!r}: set noise.kind='none' and noise.rate=0, or clear data.clean_label_key "
+    'to add synthetic noise to the true labels',
+  )
+
+
 def validate_for_data(config: ml_collections.ConfigDict, truth_known: bool) -> None:
   """Checks that need the data: the oracle must know which labels are wrong."""
   _require(
     truth_known or config.method != 'oracle',
-    "method 'oracle' needs injected noise (noise.kind != 'none') to know the clean examples",
+    "method 'oracle' needs to know the clean examples: injected noise (noise.kind != 'none') "
+    'or true labels beside the given ones (data.clean_label_key)',
   )
 
 

@@ -42,6 +42,9 @@ class Dataset:
   augment: bool  # True for 32x32 colour images: random crop and flip happen on device.
   mean: np.ndarray  # (C,) float32 per-channel mean in raw pixel units.
   std: np.ndarray  # (C,) float32 per-channel std in raw pixel units.
+  # (N,) int32 true labels when the source has them beside the given ones (CIFAR-10N's human
+  # labels against CIFAR-10's): the noise is then real and its truth known. Else None.
+  y_train_clean: np.ndarray | None = None
 
 
 def load_dataset(
@@ -51,18 +54,46 @@ def load_dataset(
   data_dir: str = '',
   test_fraction: float = 0.2,
   split_seed: int = 0,
+  label_key: str = 'label',
+  clean_label_key: str = '',
 ) -> Dataset:
   """Loads 'digits' (split by test_fraction and split_seed), 'npz' (the file at `path`) or a
-  TFDS data set prepared in `data_dir`; the fields of `config.data`."""
+  TFDS data set prepared in `data_dir`; the fields of `config.data`.
+
+  For TFDS, training labels come from the feature `label_key`. `clean_label_key`, if given,
+  names a feature of true labels (CIFAR-10N: 'worse_label' given, 'label' true); the test
+  split is then labelled by it, else by `label_key`.
+  """
   if not isinstance(name, str) or not name:
     raise UserInputError(f'data.name {name!r} is invalid; expected a non-empty string')
+  _check_label_keys(name, label_key, clean_label_key)
+  clean = None
   if name == 'digits':
     arrays = _load_digits(test_fraction, split_seed)
   elif name == 'npz':
     arrays = _load_npz(path)
   else:
-    arrays = _load_tfds(name, data_dir)
-  return _make_dataset(name, *arrays)
+    arrays, clean = _load_tfds(name, data_dir, label_key, clean_label_key)
+  return _make_dataset(name, *arrays, y_train_clean=clean)
+
+
+def _check_label_keys(name: str, label_key: str, clean_label_key: str) -> None:
+  """The label features are strings, distinct, and only for TFDS (digits and npz have one)."""
+  for field, value in (('label_key', label_key), ('clean_label_key', clean_label_key)):
+    if not isinstance(value, str):
+      raise UserInputError(f'data.{field} {value!r} is invalid; expected a feature name')
+  if not label_key:
+    raise UserInputError("data.label_key is empty; expected a feature name such as 'label'")
+  if name in BUILTIN_NAMES and (label_key != 'label' or clean_label_key):
+    raise UserInputError(
+      f'data.label_key and data.clean_label_key choose TFDS features; data.name {name!r} has '
+      "one label per image: leave them at 'label' and ''"
+    )
+  if clean_label_key == label_key:
+    raise UserInputError(
+      f'data.clean_label_key {clean_label_key!r} is data.label_key too; name the feature of '
+      "true labels (e.g. 'label'), or leave it '' when the truth is unknown"
+    )
 
 
 # Each loader returns raw (x_train, y_train, x_test, y_test, num_classes) with images
@@ -181,22 +212,27 @@ def _read_npz_key(npz: np.lib.npyio.NpzFile, path: str, key: str) -> np.ndarray:
     raise UserInputError(f'data file {path}: key {key!r} could not be read ({e})') from e
 
 
-def _load_tfds(name: str, data_dir: str) -> _RawArrays:
-  """Loads a prepared TFDS data set (never downloads); CIFAR keeps the paper's 45k split."""
+def _load_tfds(
+  name: str, data_dir: str, label_key: str, clean_label_key: str
+) -> tuple[_RawArrays, np.ndarray | None]:
+  """Loads a prepared TFDS data set (never downloads); CIFAR keeps the paper's 45k split.
+  Returns the raw arrays and the true training labels (None without `clean_label_key`)."""
   import tensorflow_datasets as tfds  # Deferred: digits and npz users skip its import.
 
   train_split, test_split = TFDS_SPLITS.get(_tfds_base_name(name), DEFAULT_TFDS_SPLITS)
   train = _tfds_source(tfds, name, train_split, data_dir)
   test = _tfds_source(tfds, name, test_split, data_dir)
-  x_train, y_train = _read_source(name, train_split, train)
-  x_test, y_test = _read_source(name, test_split, test)
+  train_keys = (label_key, clean_label_key) if clean_label_key else (label_key,)
+  x_train, (y_train, *clean) = _read_source(name, train_split, train, train_keys)
+  x_test, (y_test,) = _read_source(name, test_split, test, (clean_label_key or label_key,))
   if x_test.shape[1:] != x_train.shape[1:]:
     raise UserInputError(
       f'TFDS data set {name!r}: test images have shape {x_test.shape[1:]} but training images '
       f'have {x_train.shape[1:]}; expected the same'
     )
-  num_classes = _tfds_num_classes(train, max(y_train.max(), y_test.max(initial=0)) + 1)
-  return x_train, y_train, x_test, y_test, num_classes
+  labels_max = max(y_train.max(), y_test.max(initial=0), *(c.max() for c in clean))
+  num_classes = _tfds_num_classes(train, label_key, labels_max + 1)
+  return (x_train, y_train, x_test, y_test, num_classes), (clean[0] if clean else None)
 
 
 def _tfds_base_name(name: str) -> str:
@@ -237,17 +273,21 @@ def _tfds_source(tfds, name: str, split: str, data_dir: str):
     raise UserInputError(f'TFDS data set {name!r}: cannot open split {split!r}: {e}') from e
 
 
-def _read_source(name: str, split: str, source) -> tuple[np.ndarray, np.ndarray]:
-  """Reads every (image, label) of a TFDS source into (N, H, W, C) images and int32 labels."""
+def _read_source(
+  name: str, split: str, source, label_keys: tuple[str, ...]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+  """Reads every example of a TFDS source: (N, H, W, C) images and, per feature of
+  `label_keys`, (N,) int32 labels."""
   if len(source) == 0:
     raise UserInputError(f'TFDS data set {name!r}: split {split!r} has 0 examples')
   # Item by item: tfds' mocked sources (tests) do not support batched __getitems__.
   examples = [source[i] for i in range(len(source))]
-  missing = {'image', 'label'} - set(examples[0])
+  missing = [key for key in ('image', *label_keys) if key not in examples[0]]
   if missing:
     raise UserInputError(
-      f'TFDS data set {name!r}: examples lack {sorted(missing)}; features present: '
-      f'{sorted(examples[0])}; expected image classification with image and label'
+      f'TFDS data set {name!r}: split {split!r} lacks the features {missing}; features '
+      f'present: {sorted(examples[0])}; set data.label_key (and data.clean_label_key) to '
+      'label features of image classification'
     )
   try:
     x_NHWC = np.stack([ex['image'] for ex in examples])
@@ -257,14 +297,17 @@ def _read_source(name: str, split: str, source) -> tuple[np.ndarray, np.ndarray]
     ) from e
   if x_NHWC.ndim == 3:
     x_NHWC = x_NHWC[..., None]
-  y_N = np.asarray([ex['label'] for ex in examples]).astype(np.int32)
-  return x_NHWC, y_N
+  labels = []
+  for key in label_keys:
+    where = f'TFDS data set {name!r}: split {split!r}, feature {key!r}'
+    labels.append(checks.class_labels(np.asarray([ex[key] for ex in examples]), where))
+  return x_NHWC, labels
 
 
-def _tfds_num_classes(source, labels_max_plus_one: int) -> int:
+def _tfds_num_classes(source, label_key: str, labels_max_plus_one: int) -> int:
   """Returns the label feature's class count, or max label + 1 when tfds does not know it."""
   try:
-    num_classes = source.dataset_info.features['label'].num_classes
+    num_classes = source.dataset_info.features[label_key].num_classes
   except (AttributeError, KeyError, TypeError):
     num_classes = None
   return int(num_classes) if num_classes else int(labels_max_plus_one)
@@ -277,6 +320,7 @@ def _make_dataset(
   x_test: np.ndarray,
   y_test: np.ndarray,
   num_classes: int,
+  y_train_clean: np.ndarray | None = None,
 ) -> Dataset:
   """Normalises images per channel with training statistics and packs a Dataset."""
   mean_C, std_C = _channel_stats(x_train)
@@ -290,6 +334,7 @@ def _make_dataset(
     augment=x_train.shape[1:] == (32, 32, 3),
     mean=mean_C.astype(np.float32),
     std=std_C.astype(np.float32),
+    y_train_clean=y_train_clean,
   )
 
 

@@ -50,14 +50,21 @@ _VERSIONED_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'scikit-learn'
 @dataclasses.dataclass(frozen=True)
 class NoisyLabels:
   labels: np.ndarray  # (N,) int32 labels the model is trained on.
-  true_labels: np.ndarray  # (N,) int32 labels as the data source gave them.
-  is_mislabeled: np.ndarray  # (N,) bool, known because we injected the noise.
-  injected: bool  # False when noise.kind == 'none': the truth is then unknown.
+  true_labels: np.ndarray  # (N,) int32 true labels, as far as they are known.
+  is_mislabeled: np.ndarray  # (N,) bool: labels != true_labels.
+  # True for injected noise, or given labels with true ones beside them (data.clean_label_key);
+  # False for noise.kind == 'none' on labels taken as true: the truth is then unknown.
+  truth_known: bool
 
   @property
   def truth(self) -> np.ndarray | None:
     """The mislabeled mask if we know it, else None."""
-    return self.is_mislabeled if self.injected else None
+    return self.is_mislabeled if self.truth_known else None
+
+  def noise_rate(self, configured: float) -> float:
+    """The noise rate a baseline may assume (co-teaching's forget rate): the configured
+    synthetic rate, or the real noise's measured rate."""
+    return float(self.is_mislabeled.mean()) if self.truth_known and not configured else configured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +169,7 @@ def run(
     check_against_data(config, dataset, noisy)
     log(
       f'{dataset.name}: {len(noisy.labels)} training examples, {dataset.num_classes} classes, '
-      f'{mesh.size} device(s); noise {config.noise.kind} at {config.noise.rate}'
+      f'{mesh.size} device(s); {describe_noise(config, noisy)}'
     )
     with (
       make_progress(config, workdir, log) as progress,
@@ -267,22 +274,39 @@ def load_data(data_config: ml_collections.ConfigDict) -> data.Dataset:
     data_dir=data_config.data_dir,
     test_fraction=data_config.test_fraction,
     split_seed=data_config.split_seed,
+    label_key=data_config.label_key,
+    clean_label_key=data_config.clean_label_key,
   )
 
 
 def inject_noise(dataset: data.Dataset, noise_config: ml_collections.ConfigDict) -> NoisyLabels:
-  """Corrupts the training labels as configured, keeping the ground-truth mask."""
+  """Corrupts the training labels as configured, keeping the ground-truth mask; labels that
+  are noisy already (with true ones beside them) are taken as they are."""
+  if dataset.y_train_clean is not None:
+    config_lib.check_real_noise(noise_config.kind)
+    clean = dataset.y_train_clean
+    return NoisyLabels(dataset.y_train, clean, dataset.y_train != clean, truth_known=True)
   labels, is_mislabeled = noise.corrupt_labels(
     dataset.y_train, dataset.num_classes, noise_config.kind, noise_config.rate, noise_config.seed
   )
   return NoisyLabels(labels, dataset.y_train, is_mislabeled, noise_config.kind != 'none')
 
 
+def describe_noise(config, noisy: NoisyLabels) -> str:
+  """The noise of this run in a few words, for the log."""
+  if noisy.truth_known and config.noise.kind == 'none':
+    rate = noisy.is_mislabeled.mean()
+    return (
+      f'labels {config.data.label_key!r}, {rate:.1%} wrong against {config.data.clean_label_key!r}'
+    )
+  return f'noise {config.noise.kind} at {config.noise.rate}'
+
+
 def check_against_data(config, dataset: data.Dataset, noisy: NoisyLabels) -> None:
   """The checks that need the data, before any training: the model takes the images, the
   oracle knows the truth, the threshold samples fit."""
   models.check_images(config.model.name, dataset.x_train.shape[1:], dataset.num_classes)
-  config_lib.validate_for_data(config, noisy.injected)
+  config_lib.validate_for_data(config, noisy.truth_known)
   if _threshold_runs(config):
     _threshold_sets(config, noisy, dataset.num_classes)
 
@@ -616,7 +640,7 @@ def retrain_from_scratch(
     key=stage_keys(config, 1),
     num_classes=dataset.num_classes,
     method=config.method,
-    method_options=retrain.method_options(config.retrain, config.noise.rate),
+    method_options=retrain.method_options(config.retrain, noisy.noise_rate(config.noise.rate)),
   )
 
   def train_stage():
@@ -653,7 +677,7 @@ def write_outputs(
     verdict=verdict,
     detector=_detector_summary(config),
     paper=paper,
-    true_labels_N=noisy.true_labels if noisy.injected else None,
+    true_labels_N=noisy.true_labels if noisy.truth_known else None,
     is_mislabeled_N=noisy.truth,
     **fields,
   )
@@ -693,7 +717,7 @@ def write_outputs(
       history_NxT=history,
       images_NxHxWxC=dataset.x_train,
       labels_N=noisy.labels,
-      true_labels_N=noisy.true_labels if noisy.injected else None,
+      true_labels_N=noisy.true_labels if noisy.truth_known else None,
     )
   if distributed.is_primary():
     outputs.write_run_outputs(workdir, scores, summary, history, pictures, tables, arrays)

@@ -96,7 +96,8 @@ def _run_snippet(kind: str, args: list[str], code: str, tmp_path) -> None:
   elif kind == 'mock_tfds':
     argv = _with_args(code, args).split('launch.py', 1)[1].split()
     _run([sys.executable, '-c', MOCK_TFDS, *argv])
-    assert os.path.exists(f'{tmp_path}/aul_cifar10/summary.json')
+    workdir = code.split('--workdir', 1)[1].split()[0]
+    assert os.path.exists(f'{workdir}/summary.json')
   elif kind == 'multihost':
     code = re.sub(r'localhost:\d+', f'localhost:{_free_port()}', _with_args(code, args))
     _run(['bash', '-euo', 'pipefail', '-c', code])

@@ -201,7 +201,7 @@ def test_bad_config_fields_are_named(field, value, message, tmp_path):
 
 
 def test_every_shipped_config_is_valid(tmp_path):
-  for name in ('digits', 'mnist_lenet', 'cifar10_resnet32', 'cifar100_resnet32', 'npz'):
+  for name in ('digits', 'mnist_lenet', 'cifar10_resnet32', 'cifar100_resnet32', 'cifar10n', 'npz'):
     config = load_config(name)
     config.num_devices = 1
     pipeline.check_config(config, str(tmp_path))
