@@ -89,6 +89,8 @@ def test_every_model_takes_small_and_odd_inputs(name, shape):
     ('resnet110', 10, 1_727_962),
     # torchvision.models.densenet121() has exactly this many parameters.
     ('densenet121', 1000, 7_978_856),
+    # torchvision.models.resnet50() has exactly this many parameters.
+    ('resnet50', 1000, 25_557_032),
     ('densenet_bc', 10, 769_162),
     ('densenet_bc_small', 10, 176_122),
   ],

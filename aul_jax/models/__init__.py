@@ -13,7 +13,7 @@ from aul_jax.errors import UserInputError
 from aul_jax.models.densenet import densenet121, densenet_bc
 from aul_jax.models.lenet import LeNet
 from aul_jax.models.mlp import MLP
-from aul_jax.models.resnet import resnet
+from aul_jax.models.resnet import resnet, resnet50
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
   'mlp': MLP,
@@ -23,6 +23,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
   'resnet44': functools.partial(resnet, depth=44),
   'resnet56': functools.partial(resnet, depth=56),
   'resnet110': functools.partial(resnet, depth=110),
+  'resnet50': resnet50,
   'densenet_bc': densenet_bc,
   'densenet_bc_small': functools.partial(densenet_bc, depth=40, growth_rate=12),
   'densenet121': densenet121,
