@@ -3,7 +3,8 @@ finished stage's results, all under WORKDIR/checkpoints.
 
   run.json         the config and a digest of the training labels, written at the start
   <stage>/         orbax checkpoints of the stage in progress: every `every_epochs` epochs,
-                   at its end, and when SIGTERM or SIGINT arrives (the run then stops)
+                   at its end, and when SIGTERM or SIGINT arrives (the run then stops; a
+                   signal to one process of several stops all after the same epoch)
   <stage>.npz      the finished stage's results: the artifact that later stages read
 
 A stage is one training run ('aul', 'threshold', 'retrain'). Every epoch's randomness is
@@ -27,6 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from aul_jax.errors import Preempted, UserInputError
 from aul_jax.progress import Log
@@ -103,6 +105,7 @@ class Stage:
     self._run = run
     self._directory = os.path.join(run.directory, name)
     self._manager = None
+    self._stopping = False  # All processes agreed to stop after this epoch (`due`).
 
   def __enter__(self) -> 'Stage':
     options = ocp.CheckpointManagerOptions(max_to_keep=self._run.max_to_keep, create=True)
@@ -143,16 +146,18 @@ class Stage:
     self._manager.reload()
 
   def due(self, epochs_done: int) -> bool:
-    """Whether to save after `epochs_done` epochs: periodically, at the end, or when asked."""
+    """Whether to save after `epochs_done` epochs: periodically, at the end, or when asked.
+    Called after every epoch by every process, which is where they agree on stopping."""
     every = self._run.every_epochs
     periodic = every > 0 and epochs_done % every == 0
-    return periodic or epochs_done == self.num_epochs or self._run.stop_requested
+    self._stopping = self._run.stop_agreed()
+    return periodic or epochs_done == self.num_epochs or self._stopping
 
   def save(self, epochs_done: int, state, aul_state) -> None:
     """Saves the stage after `epochs_done` epochs; raises Preempted if a signal asked to stop."""
     items = {'train': ocp.args.StandardSave({'state': state, 'aul_state': aul_state})}
     self._manager.save(epochs_done, args=ocp.args.Composite(**items), force=True)
-    if self._run.stop_requested:
+    if self._stopping:
       self._manager.wait_until_finished()
       raise Preempted(
         f'stopped by a signal after {self.name} epoch {epochs_done}; '
@@ -205,6 +210,15 @@ class Run:
     if self.stop_requested and signum == signal.SIGINT:
       raise KeyboardInterrupt  # A second Ctrl-C stops at once, without saving.
     self.stop_requested = True
+
+  def stop_agreed(self) -> bool:
+    """Whether a signal reached any process of the run. Each checks its own flag, so with
+    several processes they exchange them (one tiny all-gather): a signal to one makes all
+    save the same epoch, where a save of one alone would wait forever for the others."""
+    if jax.process_count() == 1:
+      return self.stop_requested
+    flags = multihost_utils.process_allgather(np.int32(self.stop_requested))
+    return bool(np.any(flags))
 
   def start(self, labels: Mapping[str, np.ndarray]) -> None:
     """Records the config and the labels, or checks them against those recorded."""
