@@ -157,7 +157,9 @@ class Stage:
     """Saves the stage after `epochs_done` epochs; raises Preempted if a signal asked to stop."""
     items = {'train': ocp.args.StandardSave({'state': state, 'aul_state': aul_state})}
     self._manager.save(epochs_done, args=ocp.args.Composite(**items), force=True)
-    if self._stopping:
+    # Asked again: a signal may come while the epoch is reported, after `due` (every process
+    # saves this epoch, so all take part in the exchange).
+    if self._stopping or self._run.stop_agreed():
       self._manager.wait_until_finished()
       raise Preempted(
         f'stopped by a signal after {self.name} epoch {epochs_done}; '
