@@ -18,6 +18,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 ONEDNN = layers.ONEDNN_CONV_GENERAL_DILATED
+needs_bfloat16 = pytest.mark.skipif(
+  jnp.dtype(jnp.bfloat16) not in onednn.supported_dtypes(),
+  reason='this CPU has no oneDNN bfloat16 convolution',
+)
 
 
 def _reference(x, w, strides, padding, dimension_numbers=NHWC):
@@ -49,6 +53,7 @@ def test_value_and_gradients_match_lax(case):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4, err_msg=name)
 
 
+@needs_bfloat16
 def test_bfloat16_matches_float32_to_bfloat16_precision():
   x, w, dy = _operands((8, 16, 16, 16), (3, 3, 16, 32), (1, 1), 'SAME', jnp.bfloat16)
   got = _value_and_grads(ONEDNN, x, w, (1, 1), 'SAME', dy)
@@ -220,6 +225,7 @@ def test_vmap_over_a_later_axis_gives_the_same():
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
 
 
+@needs_bfloat16
 def test_vmapped_bfloat16_matches_float32_to_bfloat16_precision():
   in_axes = IN_AXES['both batched']
   x, w, dy = _trial_operands((8, 16, 16, 16), (3, 3, 16, 32), (1, 1), 'SAME', in_axes, jnp.bfloat16)
@@ -323,3 +329,15 @@ def test_vmapped_lenet_matches_xla_convolutions(monkeypatch):
   want = xla(variables, x)
   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_without_bfloat16_on_the_cpu_bfloat16_convolutions_fall_back_to_lax(monkeypatch):
+  monkeypatch.setattr(onednn, 'supported_dtypes', lambda: onednn.DTYPES[:1])
+  conv = layers.fast_conv_general_dilated()
+  assert conv is layers.ONEDNN_FLOAT32_CONV_GENERAL_DILATED
+  x, w, dy = _operands((2, 8, 8, 4), (3, 3, 4, 8), (1, 1), 'SAME', jnp.bfloat16)
+  got = jax.jit(_value_and_grads, static_argnums=(0, 3, 4))(conv, x, w, (1, 1), 'SAME', dy)
+  want = _value_and_grads(lax.conv_general_dilated, x, w, (1, 1), 'SAME', dy)
+  for g, r in zip(got, want, strict=True):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))

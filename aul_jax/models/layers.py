@@ -11,6 +11,10 @@ from aul_jax.models import conv as conv_lib
 from aul_jax.models import onednn
 
 ONEDNN_CONV_GENERAL_DILATED = conv_lib.as_conv_general_dilated(onednn.conv, onednn.DTYPES)
+# Where the CPU has no bfloat16 convolution: bfloat16 falls back to lax.
+ONEDNN_FLOAT32_CONV_GENERAL_DILATED = conv_lib.as_conv_general_dilated(
+  onednn.conv, onednn.DTYPES[:1]
+)
 
 # He initialisation with fan_out, untruncated: torchvision's ResNet initialisation.
 he_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -19,13 +23,16 @@ he_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 def fast_conv_general_dilated():
   """The convolution for nn.Conv, by backend.
 
-  On a CPU: oneDNN's (models/onednn.py) where it builds, else XLA's with canonical-layout
-  gradients (models/conv.py). Elsewhere lax's own, whose gradients are not known to be slow.
+  On a CPU: oneDNN's (models/onednn.py) where it builds (bfloat16 only where the CPU has
+  it), else XLA's with canonical-layout gradients (models/conv.py). Elsewhere lax's own,
+  whose gradients are not known to be slow.
   """
   if jax.default_backend() != 'cpu':
     return None
   if onednn.unavailable_reason() is None:
-    return ONEDNN_CONV_GENERAL_DILATED
+    if jnp.dtype(jnp.bfloat16) in onednn.supported_dtypes():
+      return ONEDNN_CONV_GENERAL_DILATED
+    return ONEDNN_FLOAT32_CONV_GENERAL_DILATED
   return conv_lib.canonical_conv_general_dilated
 
 

@@ -200,3 +200,19 @@ def _make_conv(vmap_method: str):
 conv = _make_conv('expand_dims')
 # R calls per direction under vmap, one after another: the baseline conv_layers.py times.
 sequential_conv = _make_conv('sequential')
+
+
+@functools.cache
+def supported_dtypes() -> tuple:
+  """The DTYPES this CPU's oneDNN convolves: bfloat16 needs an ISA that has it (on x86,
+  AVX-512), so it is probed once with a tiny convolution; () when oneDNN is unavailable."""
+  if unavailable_reason() is not None:
+    return ()
+  x, w = jnp.zeros((1, 2, 2, 1), jnp.bfloat16), jnp.zeros((1, 1, 1, 1), jnp.bfloat16)
+  try:
+    with jax.ensure_compile_time_eval():  # Runs now, also while a caller is being traced.
+      jax.block_until_ready(conv(x, w, (1, 1), ((0, 0), (0, 0))))
+  except jax.errors.JaxRuntimeError as error:
+    logging.warning("oneDNN has no bfloat16 convolution on this CPU, using XLA's: %s", error)
+    return DTYPES[:1]
+  return DTYPES
