@@ -17,6 +17,7 @@ The mislabeled component is the one with the higher (mean standardised) score. `
 plain arguments, so the pipeline, `aul_jax.score` and library users call it alike.
 """
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -115,6 +116,13 @@ def global_mixture(
   return Verdict(_summary_score(score), np.asarray(p_N), estimate, mixture)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _class_fits(z_KxN, member_KxN, max_iter, tol, n_init, init):
+  """The K classes' mixtures, in parallel. Jitted once per shape and settings: a fresh
+  closure per call compiled again every time (about 1.6 s of a 0.08 s fit on 2 cores)."""
+  return jax.vmap(lambda z, w: _fit(z, w, max_iter, tol, n_init, init))(z_KxN, member_KxN)
+
+
 def class_mixtures(
   score,
   labels_N,
@@ -130,8 +138,7 @@ def class_mixtures(
   member_KxN = (labels[None] == jnp.arange(num_classes)[:, None]).astype(jnp.float32)
   # Each class's scores, standardised, so one variance floor suits every class.
   z_KxN = _standardise(jnp.asarray(score, jnp.float32), member_KxN)
-  fit = jax.jit(jax.vmap(lambda z, w: _fit(z, w, max_iter, tol, n_init, init)))
-  mixtures, p_KxN = fit(z_KxN, member_KxN)
+  mixtures, p_KxN = _class_fits(z_KxN, member_KxN, max_iter, tol, n_init, init)
   p_N = jnp.take_along_axis(p_KxN, labels[None], axis=0)[0]
   weight_K = mixtures.weights[:, -1]
   estimate = float(jnp.sum(weight_K * member_KxN.sum(1)) / len(labels_N))
