@@ -13,8 +13,10 @@ import os
 import shutil
 import tempfile
 
+from tests import xla_flags
+
 # Must happen before JAX initialises its backends.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('XLA_FLAGS', xla_flags(devices=4))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache = tempfile.mkdtemp(prefix='aul_jax_tests_xla_cache_')

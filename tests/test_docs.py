@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests import xla_flags
+from tests import COMPILE_FLAGS, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, 'docs')
@@ -100,6 +100,8 @@ def _run_snippet(kind: str, args: list[str], code: str, tmp_path) -> None:
     assert os.path.exists(f'{workdir}/summary.json')
   elif kind == 'multihost':
     code = re.sub(r'localhost:\d+', f'localhost:{_free_port()}', _with_args(code, args))
+    # The snippet sets its own XLA_FLAGS: it compiles as the other test subprocesses do.
+    code = code.replace('XLA_FLAGS=', f'XLA_FLAGS={COMPILE_FLAGS}\\ ')
     _run(['bash', '-euo', 'pipefail', '-c', code])
     assert os.path.exists(f'{tmp_path}/aul_two_hosts/summary.json')
   else:

@@ -36,10 +36,15 @@ def _config():
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory):
+def uninterrupted_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('uninterrupted')
   pipeline.run(_config(), str(workdir), log=lambda _: None)
-  return _files(workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(uninterrupted_workdir):
+  return _files(uninterrupted_workdir)
 
 
 def _rerun(workdir) -> list[str]:
@@ -203,9 +208,11 @@ def test_damaged_state_files_are_one_line_errors(name, content, stopped, tmp_pat
   assert 'delete it' in message
 
 
-def test_a_complete_run_missing_an_output_is_repaired_without_training(uninterrupted, tmp_path):
+def test_a_complete_run_missing_an_output_is_repaired_without_training(
+  uninterrupted_workdir, uninterrupted, tmp_path
+):
   workdir = tmp_path / 'run'
-  pipeline.run(_config(), str(workdir), log=lambda _: None)
+  shutil.copytree(uninterrupted_workdir, workdir)
   (workdir / 'scores.csv').unlink()
   lines = _rerun(workdir)
   assert any('lacks scores.csv; writing its outputs again' in line for line in lines), lines
