@@ -47,7 +47,7 @@ _SAFE_NAME = re.compile(r'[A-Za-z0-9._-]+')
 _MODE_FLAGS = {
   'table': ('methods', 'noise', 'trials'),
   'detection': ('noise', 'trials'),
-  'consistency': ('models', 'seeds'),
+  'consistency': ('models', 'seeds', 'seeds_as_trials'),
 }
 
 RunFn = Callable[..., dict]  # pipeline.run's signature: (config, workdir, log=...) -> summary.
@@ -192,15 +192,30 @@ def detection_runs(settings, trials: int) -> list[Run]:
   ]
 
 
-def consistency_runs(model_names, seeds) -> list[Run]:
-  """Detection only on the config's noisy labels, per architecture and training seed."""
+def consistency_runs(model_names, seeds, seeds_as_trials: bool = False) -> list[Run]:
+  """Detection only on the config's noisy labels, per architecture and training seed; with
+  `seeds_as_trials`, one run per architecture that trains its seeds as the trials of one
+  program (`config.trials`: trial r trains with seed + r, so the seeds must be consecutive)."""
+  detection_only = {'method': 'aul', 'retrain.epochs': 0}
+  if not seeds_as_trials:
+    return [
+      _run(f'{name}-seed{seed}', {**detection_only, 'model.name': name, 'seed': seed})
+      for name in model_names
+      for seed in seeds
+    ]
+  first = min(seeds)
+  if sorted(seeds) != list(range(first, first + len(seeds))):
+    raise UserInputError(
+      f'--seeds={",".join(map(str, seeds))} with --seeds_as_trials: expected consecutive '
+      'seeds (trial r trains with seed + r), e.g. --seeds=0,1,2'
+    )
+  last = first + len(seeds) - 1
   return [
     _run(
-      f'{name}-seed{seed}',
-      {'method': 'aul', 'retrain.epochs': 0, 'model.name': name, 'seed': seed},
+      f'{name}-seeds{first}-{last}',
+      {**detection_only, 'model.name': name, 'seed': first, 'trials': len(seeds)},
     )
     for name in model_names
-    for seed in seeds
   ]
 
 
@@ -462,19 +477,32 @@ def correlations(aul_RxN: np.ndarray) -> dict[str, np.ndarray]:
   }
 
 
+def _read_scores(grid_dir: str, run: str, name: str, columns: tuple[str, ...]) -> np.ndarray:
+  path = os.path.join(grid_dir, 'runs', run, name)
+  if not os.path.exists(path):
+    raise UserInputError(f'{path} is missing; delete results/{run}.json to rerun it')
+  return np.genfromtxt(path, delimiter=',', names=True, usecols=columns)
+
+
 def read_aul(grid_dir: str, results: Sequence[dict]) -> tuple[list[str], np.ndarray]:
-  """Run names and their AUL (R, N) from the finished runs' scores.csv, which must agree."""
+  """Network names and their AUL (R, N) from the finished runs' scores.csv, whose labels
+  must agree; a run of several trials gives each trial's, from trials/scores_trial{r}.csv,
+  named by the trial's seed."""
   names, labels, aul = [], [], []
   for result in results:
     if 'error' in result:
       continue
-    path = os.path.join(grid_dir, 'runs', result['run'], 'scores.csv')
-    if not os.path.exists(path):
-      raise UserInputError(f'{path} is missing; delete results/{result["run"]}.json to rerun it')
-    scores = np.genfromtxt(path, delimiter=',', names=True, usecols=('label', 'aul'))
-    names.append(result['run'])
+    run, trials = result['run'], result['config'].get('trials', 1)
+    scores = _read_scores(grid_dir, run, 'scores.csv', ('label', 'aul'))
     labels.append(scores['label'])
-    aul.append(scores['aul'])
+    if trials == 1:
+      names.append(run)
+      aul.append(scores['aul'])
+      continue
+    model, seed = result['config']['model']['name'], result['config']['seed']
+    for r in range(trials):
+      names.append(f'{model}-seed{seed + r}')
+      aul.append(_read_scores(grid_dir, run, f'trials/scores_trial{r}.csv', ('aul',))['aul'])
   if any(len(y) != len(labels[0]) or np.any(y != labels[0]) for y in labels):
     raise UserInputError(f'the runs in {grid_dir} were trained on different labels')
   return names, np.array(aul).reshape(len(names), -1)
@@ -559,11 +587,20 @@ def detection(config, grid_dir, *, settings, trials, run_fn=pipeline.run, log=lo
   return results, files
 
 
-def consistency(config, grid_dir, *, model_names, seeds, run_fn=pipeline.run, log=logging.info):
+def consistency(
+  config,
+  grid_dir,
+  *,
+  model_names,
+  seeds,
+  seeds_as_trials=False,
+  run_fn=pipeline.run,
+  log=logging.info,
+):
   """Figure 5 (left): runs the grid and writes consistency.md, .csv and .png."""
   if len(model_names) * len(seeds) < 2:
     raise UserInputError('consistency needs at least two runs: give more --models or --seeds')
-  runs = consistency_runs(model_names, seeds)
+  runs = consistency_runs(model_names, seeds, seeds_as_trials)
   results = run_grid(runs, config, grid_dir, run_fn=run_fn, log=log)
   files = consistency_files(*read_aul(grid_dir, results))
   outputs.write_files(grid_dir, files)
@@ -582,6 +619,11 @@ def _define_flags() -> None:
   flags.DEFINE_integer('trials', 3, 'table, detection: trial t sets noise.seed = seed = t.')
   flags.DEFINE_list('models', ['lenet', 'mlp'], 'consistency: architectures.')
   flags.DEFINE_list('seeds', ['0', '1'], 'consistency: training seeds.')
+  flags.DEFINE_bool(
+    'seeds_as_trials',
+    False,
+    "consistency: train each model's (consecutive) seeds as the trials of one program.",
+  )
   flags.mark_flags_as_required(['config', 'grid_dir'])
 
 
@@ -602,7 +644,13 @@ def _run_mode(mode: str) -> tuple[list[dict], dict]:
   f = flags.FLAGS
   if mode == 'consistency':
     model_names, seeds = parse_models(f.models), parse_seeds(f.seeds)
-    return consistency(f.config, f.grid_dir, model_names=model_names, seeds=seeds)
+    return consistency(
+      f.config,
+      f.grid_dir,
+      model_names=model_names,
+      seeds=seeds,
+      seeds_as_trials=f.seeds_as_trials,
+    )
   default_noise = TABLE_NOISE if mode == 'table' else DETECTION_NOISE
   settings = parse_noise(f.noise if f.noise is not None else default_noise)
   trials = check_trials(f.trials)

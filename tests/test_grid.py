@@ -325,17 +325,30 @@ def test_bad_configs_are_refused_before_any_run(tmp_path):
   assert not os.listdir(tmp_path)
 
 
-def test_cli_reports_a_bad_flag_without_a_traceback(tmp_path):
+@pytest.mark.parametrize(
+  'mode_flags,message',
+  [
+    (
+      ['table', '--noise=uniform:0.2,uniform:abc'],
+      "error: --noise: 'uniform:abc' is not KIND:RATE",
+    ),
+    (
+      ['consistency', '--models=mlp', '--seeds=0,2', '--seeds_as_trials'],
+      'error: --seeds=0,2 with --seeds_as_trials: expected consecutive seeds',
+    ),
+  ],
+)
+def test_cli_reports_a_bad_flag_without_a_traceback(mode_flags, message, tmp_path):
   grid_dir = tmp_path / 'grid'
   result = subprocess.run(
     [
       sys.executable,
       '-m',
       'experiments.grid',
-      'table',
+      mode_flags[0],
       '--config=configs/digits.py',
       f'--grid_dir={grid_dir}',
-      '--noise=uniform:0.2,uniform:abc',
+      *mode_flags[1:],
     ],
     cwd=ROOT,
     env=dict(os.environ, JAX_PLATFORMS='cpu'),
@@ -344,6 +357,44 @@ def test_cli_reports_a_bad_flag_without_a_traceback(tmp_path):
     timeout=120,
   )
   assert result.returncode == 2, result.stderr
-  assert "error: --noise: 'uniform:abc' is not KIND:RATE" in result.stderr
+  assert message in result.stderr
   assert 'Traceback' not in result.stderr
   assert not grid_dir.exists()
+
+
+def test_seeds_as_trials_make_one_run_per_model_of_consecutive_seeds():
+  runs = grid.consistency_runs(('lenet', 'mlp'), (2, 3, 4), seeds_as_trials=True)
+  assert [r.name for r in runs] == ['lenet-seeds2-4', 'mlp-seeds2-4']
+  assert dict(runs[1].overrides) == {
+    'method': 'aul',
+    'retrain.epochs': 0,
+    'model.name': 'mlp',
+    'seed': 2,
+    'trials': 3,
+  }
+  with pytest.raises(UserInputError, match='expected consecutive seeds'):
+    grid.consistency_runs(('lenet',), (0, 2), seeds_as_trials=True)
+
+
+def test_seeds_as_trials_give_the_correlations_of_separate_runs(tmp_path):
+  config = _tiny_config()
+  config.aul.epochs, config.detector.rounds = 2, 1
+  matrices = {}
+  for seeds_as_trials in (False, True):
+    grid_dir = tmp_path / str(seeds_as_trials)
+    results, files = grid.consistency(
+      config,
+      str(grid_dir),
+      model_names=('mlp',),
+      seeds=(0, 1),
+      seeds_as_trials=seeds_as_trials,
+      log=lambda _: None,
+    )
+    assert len(results) == (1 if seeds_as_trials else 2)
+    names, aul_RxN = grid.read_aul(str(grid_dir), results)
+    assert names == ['mlp-seed0', 'mlp-seed1']
+    matrices[seeds_as_trials] = aul_RxN
+    assert '| mlp-seed1 |' in files['consistency.md']
+  # Trial r of the one program is the network trained alone with seed r (test_trials).
+  np.testing.assert_allclose(matrices[True], matrices[False], rtol=1e-4, atol=1e-5)
+  assert not np.allclose(matrices[True][0], matrices[True][1])
