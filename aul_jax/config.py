@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
       'weight_decay': 1e-4,
       'lr_drop_fractions': (),
       'lr_drop_factor': 0.1,
+      'schedule': 'step',  # Or 'cosine': decay to 0 over the epochs (no lr_drop_fractions).
       'warmup_epochs': 0.0,  # Linear learning-rate warm-up (train.make_optimizer).
       'clip_grad_norm': 0.0,  # > 0: clip each step's gradient to this global norm.
       'record_history': False,  # Keep each epoch's per-example loss: (N, T) on the device.
@@ -94,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
       'weight_decay': 1e-4,
       'lr_drop_fractions': (0.5, 0.75),  # Of retrain.epochs: 150 and 225 of 300.
       'lr_drop_factor': 0.1,
+      'schedule': 'step',
       'warmup_epochs': 0.0,
       'clip_grad_norm': 0.0,
       'reed_beta': 0.8,  # reed_hard: weight of the given label in the bootstrapped target.
@@ -310,7 +312,16 @@ def _validate_recipe(recipe, name: str, num_devices: int, min_epochs: int) -> No
       _is_finite_number(recipe[field]) and recipe[field] >= 0,
       f'{name}.{field}={recipe[field]!r}; expected a finite number >= 0 (0 = off)',
     )
+  _require(
+    recipe.schedule in ('step', 'cosine'),
+    f"{name}.schedule={recipe.schedule!r}; expected 'step' or 'cosine'",
+  )
   fractions = tuple(recipe.lr_drop_fractions)
+  _require(
+    not (recipe.schedule == 'cosine' and fractions),
+    f'{name}.schedule=cosine decays the rate by itself: set {name}.lr_drop_fractions=() '
+    "or use schedule 'step'",
+  )
   _require(
     all(_is_finite_number(f) and 0 < f < 1 for f in fractions),
     f'{name}.lr_drop_fractions={fractions!r}; expected fractions in (0, 1)',

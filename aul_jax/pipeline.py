@@ -519,6 +519,8 @@ def train_network(config, job: Job, dataset, mesh, saved, progress) -> TrainedNe
     lr_drop_factor=recipe.lr_drop_factor,
     warmup_epochs=recipe.warmup_epochs,
     clip_grad_norm=recipe.clip_grad_norm,
+    schedule=recipe.schedule,
+    num_epochs=recipe.epochs,
   )
   keys = train.over_trials(jax.random.split, trials)(job.key)
   init_key, train_key = keys[..., 0], keys[..., 1]

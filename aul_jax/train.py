@@ -68,18 +68,29 @@ def make_optimizer(
   lr_drop_factor: float = 0.1,
   warmup_epochs: float = 0,
   clip_grad_norm: float = 0.0,
+  schedule: str = 'step',
+  num_epochs: int = 0,
 ) -> optax.GradientTransformation:
   """SGD with momentum and coupled weight decay (as in PyTorch), step-wise LR drops at epochs.
 
   `warmup_epochs` > 0 ramps the learning rate linearly up from lr / warmup steps over that
   many epochs; `clip_grad_norm` > 0 clips each step's gradient to that global norm. Both
   guard a recipe against an early blow-up on data it was not tuned on; at 0 they are off
-  and the optimizer is the paper's.
+  and the optimizer is the paper's. `schedule='cosine'` replaces the drops by a cosine decay
+  to 0 over the `num_epochs` after the warm-up (the large-batch ImageNet recipes').
   """
-  schedule = optax.piecewise_constant_schedule(
-    learning_rate, {int(e) * steps_per_epoch: lr_drop_factor for e in lr_drop_epochs}
-  )
   warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+  if schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(
+      learning_rate, decay_steps=max(num_epochs * steps_per_epoch - warmup_steps, 1)
+    )
+    schedule = lambda step: decay(jnp.maximum(step - warmup_steps, 0))  # noqa: E731
+  elif schedule == 'step':
+    schedule = optax.piecewise_constant_schedule(
+      learning_rate, {int(e) * steps_per_epoch: lr_drop_factor for e in lr_drop_epochs}
+    )
+  else:
+    raise ValueError(f'unknown schedule {schedule!r}; known: step, cosine')
   if warmup_steps > 0:
     drops = schedule
     schedule = lambda step: drops(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)  # noqa: E731

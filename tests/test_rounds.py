@@ -124,6 +124,44 @@ def test_gradient_clipping_bounds_the_step_and_warmup_ramps_the_rate():
   np.testing.assert_allclose(warm, plain / 20, rtol=1e-6)  # Step 1 of 20 warm-up steps.
 
 
+def _rates(optimizer, steps):
+  """The learning rate of each of the first `steps` steps (no momentum, no weight decay)."""
+  params, gradient = {'w': jnp.zeros(1)}, {'w': jnp.ones(1)}
+  state, rates = optimizer.init(params), []
+  for _ in range(steps):
+    updates, state = optimizer.update(gradient, state, params)
+    rates.append(-float(updates['w'][0]))
+  return np.array(rates)
+
+
+def test_the_cosine_schedule_decays_to_zero_after_the_warmup():
+  options = {'learning_rate': 0.1, 'momentum': 0.0, 'weight_decay': 0.0, 'steps_per_epoch': 10}
+  cosine = _rates(train_lib.make_optimizer(**options, schedule='cosine', num_epochs=2), 20)
+  np.testing.assert_allclose(cosine[[0, 10]], [0.1, 0.05], rtol=1e-6)
+  assert np.all(np.diff(cosine) < 0) and cosine[-1] < 0.001
+  warm = _rates(
+    train_lib.make_optimizer(**options, schedule='cosine', num_epochs=2, warmup_epochs=1), 20
+  )
+  np.testing.assert_allclose(warm[:10], 0.1 * np.arange(1, 11) / 10, rtol=1e-6)  # The ramp.
+  np.testing.assert_allclose(warm[15], 0.05, rtol=1e-6)  # Half-way through the decay.
+  step = _rates(train_lib.make_optimizer(**options, lr_drop_epochs=(1,)), 20)
+  np.testing.assert_allclose(step, [0.1] * 10 + [0.01] * 10, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  'schedule,fractions,message',
+  [
+    ('linear', (), "retrain.schedule='linear'; expected 'step' or 'cosine'"),
+    ('cosine', (0.5,), r'retrain.schedule=cosine decays the rate by itself: set retrain.lr_drop'),
+  ],
+)
+def test_a_bad_schedule_is_refused(schedule, fractions, message):
+  config = config_lib.base_config()
+  config.retrain.schedule, config.retrain.lr_drop_fractions = schedule, fractions
+  with pytest.raises(UserInputError, match=message):
+    config_lib.validate(config, num_devices=1)
+
+
 @pytest.mark.parametrize('field', ['warmup_epochs', 'clip_grad_norm'])
 def test_bad_recipe_guards_are_refused(field):
   config = config_lib.base_config()
