@@ -284,7 +284,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--threshold-runs', type=int, default=2)
   parser.add_argument('--cv-folds', type=int, default=4)
   parser.add_argument('--cache', default=str(ROOT / 'workdirs' / 'detection_cache'))
-  parser.add_argument('--quick', action='store_true', help='1 seed, 2 settings, 3 epochs')
+  parser.add_argument(
+    '--quick', action='store_true', help='1 seed, 2 settings, 3 epochs, 1 mixture start'
+  )
   args = parser.parse_args(argv)
   if args.quick:
     args.settings, args.seeds = 'uniform:0.4,pair_flip:0.4', 1
@@ -317,6 +319,8 @@ def main(argv=None) -> dict[str, Any]:
     results[cell.name] = {}
     for seed in range(args.seeds):
       config = cell_config(cell, seed, epochs=3 if args.quick else None)
+      if args.quick:  # A smoke run: one start per mixture instead of config.gmm's restarts.
+        config.gmm.n_init = 1
       found = found or all_detectors(config.gmm, with_cleanlab)
       record = cached_collect(config, cell, seed, args, args.cv_folds if with_cleanlab else 0)
       seconds.setdefault(cell.name, []).append(
