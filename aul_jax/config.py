@@ -22,6 +22,8 @@ INPUT_MODES = ('device', 'stream')
 # EM on the AUM stopped at a worse optimum in 1 of 3 runs of 20% pair-flip digits (noise
 # estimate 0.33 instead of 0.20; docs/detection.md).
 MIXTURE = {'max_iter': 1000, 'tol': 1e-7, 'n_init': 10}
+# A recipe's learning-rate schedules (train.make_optimizer): the paper's drops, or a cosine.
+SCHEDULES = ('step', 'cosine')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -313,7 +315,7 @@ def _validate_recipe(recipe, name: str, num_devices: int, min_epochs: int) -> No
       f'{name}.{field}={recipe[field]!r}; expected a finite number >= 0 (0 = off)',
     )
   _require(
-    recipe.schedule in ('step', 'cosine'),
+    recipe.schedule in SCHEDULES,
     f"{name}.schedule={recipe.schedule!r}; expected 'step' or 'cosine'",
   )
   fractions = tuple(recipe.lr_drop_fractions)

@@ -27,7 +27,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from aul_jax import augment, aul, checkpointing, dynamics, losses, metrics
+from aul_jax import augment, aul, checkpointing, config, dynamics, losses, metrics
 from aul_jax.errors import DivergedError
 
 DATA_AXIS = 'data'
@@ -84,21 +84,21 @@ def make_optimizer(
     decay = optax.cosine_decay_schedule(
       learning_rate, decay_steps=max(num_epochs * steps_per_epoch - warmup_steps, 1)
     )
-    schedule = lambda step: decay(jnp.maximum(step - warmup_steps, 0))  # noqa: E731
+    rate = lambda step: decay(jnp.maximum(step - warmup_steps, 0))  # noqa: E731
   elif schedule == 'step':
-    schedule = optax.piecewise_constant_schedule(
+    rate = optax.piecewise_constant_schedule(
       learning_rate, {int(e) * steps_per_epoch: lr_drop_factor for e in lr_drop_epochs}
     )
   else:
-    raise ValueError(f'unknown schedule {schedule!r}; known: step, cosine')
+    raise ValueError(f'unknown schedule {schedule!r}; known: {", ".join(config.SCHEDULES)}')
   if warmup_steps > 0:
-    drops = schedule
-    schedule = lambda step: drops(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)  # noqa: E731
+    unwarmed = rate
+    rate = lambda step: unwarmed(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)  # noqa: E731
   clip = [optax.clip_by_global_norm(clip_grad_norm)] if clip_grad_norm > 0 else []
   return optax.chain(
     *clip,
     optax.add_decayed_weights(weight_decay),
-    optax.sgd(schedule, momentum=momentum),
+    optax.sgd(rate, momentum=momentum),
   )
 
 
