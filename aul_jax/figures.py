@@ -38,6 +38,38 @@ def png(fig: Figure) -> bytes:
   return buffer.getvalue()
 
 
+def _grid(
+  fig: Figure,
+  nrows: int,
+  ncols: int,
+  *,
+  left: float,
+  right: float,
+  top: float,
+  bottom: float,
+  wspace: float,
+  hspace: float,
+) -> np.ndarray:
+  """(nrows, ncols) axes with fixed margins and gaps in inches: for the figures with many
+  panels, where matplotlib's constrained layout took half of the figures' rendering time."""
+  width, height = fig.get_size_inches()
+  cell_w = (width - left - right - wspace * (ncols - 1)) / ncols
+  cell_h = (height - top - bottom - hspace * (nrows - 1)) / nrows
+  return fig.subplots(
+    nrows,
+    ncols,
+    squeeze=False,
+    gridspec_kw=dict(
+      left=left / width,
+      right=1 - right / width,
+      top=1 - top / height,
+      bottom=bottom / height,
+      wspace=wspace / cell_w,
+      hspace=hspace / cell_h,
+    ),
+  )
+
+
 def _num_bins(n: int) -> int:
   """Rice's rule, 2 n^(1/3), kept within [10, 100] so small and huge N both read well."""
   return int(np.clip(round(2 * n ** (1 / 3)), 10, _MAX_BINS))
@@ -215,8 +247,10 @@ def loss_and_aul_histograms(
   truth_N = _as_truth(is_mislabeled_N, history_NxT.shape[0])
   num_epochs = history_NxT.shape[1]
   epochs = _default_epochs(num_epochs) if epochs is None else _check_epochs(epochs, num_epochs)
-  fig = Figure(figsize=(min(12, max(6, 0.5 + 3 * len(epochs))), 6), layout='constrained')
-  axes = fig.subplots(2, len(epochs), squeeze=False)
+  fig = Figure(figsize=(min(12, max(6, 0.5 + 3 * len(epochs))), 6))
+  axes = _grid(
+    fig, 2, len(epochs), left=0.6, right=0.15, top=0.75, bottom=0.3, wspace=0.4, hspace=0.65
+  )
   for col, epoch in enumerate(epochs):
     loss_N = np.asarray(history_NxT[:, epoch - 1], np.float64)
     aul_N = np.sum(history_NxT[:, :epoch], axis=1, dtype=np.float64)
@@ -348,10 +382,9 @@ def top_aul_images(
   top = np.argsort(-aul_N, kind='stable')[: min(count, aul_N.size)]
   ncols = min(8, top.size)
   nrows = math.ceil(top.size / ncols)
-  fig = Figure(
-    figsize=(min(12, 0.5 + 1.45 * ncols), min(6, 0.6 + 1.45 * nrows)), layout='constrained'
-  )
-  axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+  fig = Figure(figsize=(min(12, 0.5 + 1.45 * ncols), min(6, 0.6 + 1.45 * nrows)))
+  margins = dict(left=0.1, right=0.1, top=0.4, bottom=0.25, wspace=0.1, hspace=0.4)
+  axes = _grid(fig, nrows, ncols, **margins).ravel()
   for ax, i in zip(axes, top, strict=False):
     ax.imshow(_display_image(images[i]), cmap='gray', vmin=0, vmax=1, interpolation='nearest')
     ax.set_title(f'{_label_name(labels_N[i], class_names)} ({aul_N[i]:.3g})', fontsize=8)
