@@ -9,9 +9,9 @@ compile."""
 # execution-heavy tests (mixture fits, detection matrices) run slower: the detection
 # benchmark's three --quick passes took 85 s longer, until they fitted each mixture from one
 # start. The suite as a whole went from 16m27s to 14m25s on 2 cores (AMD EPYC, 2026-12-04),
-# with the other cuts of that day. Runs a user makes, and
-# the benchmarks (whose speed is the point), compile as usual; their --quick runs in tests
-# check fields, not speed.
+# with the other cuts of that day, and to 10m14s-11m23s once the figures rendered faster.
+# Runs a user makes, and the benchmarks (whose speed is the point), compile as usual; their
+# --quick runs in tests check fields, not speed.
 COMPILE_FLAGS = '--xla_backend_optimization_level=0'
 
 
