@@ -397,7 +397,7 @@ def top_aul_images(
   pixels_per_inch = max(h, w) / 1.2  # The longer side of a tile is 1.2 inches.
   gap_x, gap_y = 0.15 * pixels_per_inch, 0.42 * pixels_per_inch
   cell_x, cell_y = w + gap_x, h + gap_y
-  mosaic = np.ones((math.ceil(nrows * cell_y), math.ceil(ncols * cell_x), 3))
+  mosaic = np.ones((math.ceil(nrows * cell_y), math.ceil(ncols * cell_x), 3), np.float32)
   width, height = ncols * cell_x / pixels_per_inch, nrows * cell_y / pixels_per_inch
   fig = Figure(figsize=(width + 0.2, height + 0.35))
   ax = fig.add_axes((0.1 / (width + 0.2), 0.0, width / (width + 0.2), height / (height + 0.35)))

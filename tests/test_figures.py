@@ -106,6 +106,23 @@ def test_top_aul_images(channels):
   _decode(png)
 
 
+@pytest.mark.parametrize('shape', [(8, 8), (12, 40)])
+def test_top_aul_images_draws_each_tile_whole_and_apart(shape):
+  """Every tile of the mosaic is drawn at its size (the longer side 1.2 inches at 100 dpi),
+  with gaps between tiles: black images give that many black pixels, in separate blobs."""
+  count = 10
+  pixels = _decode(
+    figures.top_aul_images(np.zeros((count, *shape)), np.zeros(count), np.ones(count))
+  )
+  black = pixels[..., :3].max(axis=-1) < 0.05
+  h, w = shape
+  tile = (120 * h / max(h, w)) * (120 * w / max(h, w))
+  assert abs(black.sum() / (count * tile) - 1) < 0.1
+  # 8 tiles in the first row, 2 in the second: 8 runs of black along a row through them.
+  row = black[np.argmax(black.sum(axis=1))]
+  assert np.count_nonzero(np.diff(row.astype(int)) == 1) == 8
+
+
 def test_top_aul_images_fewer_images_than_count():
   run = _run(n=5)
   _decode(figures.top_aul_images(run['images_NxHxWxC'], run['labels_N'], run['aul_N'], count=32))
