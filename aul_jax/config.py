@@ -316,7 +316,7 @@ def _validate_recipe(recipe, name: str, num_devices: int, min_epochs: int) -> No
     )
   _require(
     recipe.schedule in SCHEDULES,
-    f"{name}.schedule={recipe.schedule!r}; expected 'step' or 'cosine'",
+    f'{name}.schedule={recipe.schedule!r}; expected {" or ".join(map(repr, SCHEDULES))}',
   )
   fractions = tuple(recipe.lr_drop_fractions)
   _require(
