@@ -8,6 +8,7 @@ Histograms are binned with numpy and drawn with `ax.stairs`, so N = 50,000 rende
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Sequence
@@ -50,8 +51,8 @@ def _grid(
   wspace: float,
   hspace: float,
 ) -> np.ndarray:
-  """(nrows, ncols) axes with fixed margins and gaps in inches: for the figures with many
-  panels, where matplotlib's constrained layout took half of the figures' rendering time."""
+  """(nrows, ncols) axes with fixed margins and gaps in inches: for a figure of many panels,
+  whose constrained layout took as long as the drawing."""
   width, height = fig.get_size_inches()
   cell_w = (width - left - right - wspace * (ncols - 1)) / ncols
   cell_h = (height - top - bottom - hspace * (nrows - 1)) / nrows
@@ -402,19 +403,17 @@ def top_aul_images(
   fig = Figure(figsize=(width + 0.2, height + 0.35))
   ax = fig.add_axes((0.1 / (width + 0.2), 0.0, width / (width + 0.2), height / (height + 0.35)))
   ax.set_axis_off()
-  captions = []
+  caption = functools.partial(ax.text, ha='center', fontsize=8)
   for k, (i, tile) in enumerate(zip(top, tiles, strict=True)):
     row, col = divmod(k, ncols)
     x0, y0 = round(col * cell_x + gap_x / 2), round(row * cell_y + gap_y / 2)
     mosaic[y0 : y0 + h, x0 : x0 + w] = tile
     title = f'{_label_name(labels_N[i], class_names)} ({aul_N[i]:.3g})'
-    captions.append((x0 + w / 2, y0 - 0.03 * pixels_per_inch, title, 'bottom', 'black'))
+    caption(x0 + w / 2, y0 - 0.03 * pixels_per_inch, title, va='bottom')
     if true_labels_N is not None and int(true_labels_N[i]) != int(labels_N[i]):
       true = f'true: {_label_name(true_labels_N[i], class_names)}'
-      captions.append((x0 + w / 2, y0 + h + 0.03 * pixels_per_inch, true, 'top', 'red'))
+      caption(x0 + w / 2, y0 + h + 0.03 * pixels_per_inch, true, va='top', color='red')
   ax.imshow(mosaic, interpolation='nearest', extent=(0, mosaic.shape[1], mosaic.shape[0], 0))
-  for x, y, text, va, color in captions:
-    ax.text(x, y, text, ha='center', va=va, color=color, fontsize=8)
   fig.suptitle('Highest-AUL training images: given label (AUL)', fontsize=10)
   return png(fig)
 
