@@ -3,6 +3,10 @@
 Everything here runs on the device: per-example losses are scattered by example index into
 an (N,) array that is donated from epoch to epoch and never copied to the host in training.
 The same state carries the other training dynamics (`aul_jax.dynamics`) of the same pass.
+
+On several devices the state is split over the data axis (`aul_jax.train.init_aul_state`):
+its example axis is padded to a whole number of rows per device, and the padding rows,
+after the N examples, stay zero.
 """
 
 import flax
@@ -15,11 +19,13 @@ from aul_jax import dynamics as dynamics_lib
 @flax.struct.dataclass
 class AULState:
   """Running AUL per example, optionally each epoch's loss (the loss history), and the
-  other per-example training dynamics."""
+  other per-example training dynamics. Their example axis may be padded beyond
+  `num_examples` (the real ones come first)."""
 
   aul_N: jax.Array
   history_NxT: jax.Array | None = None
   dynamics: dynamics_lib.Dynamics | None = None
+  num_examples: int = flax.struct.field(pytree_node=False, default=0)
 
 
 def init_aul_state(
@@ -29,27 +35,35 @@ def init_aul_state(
   *,
   dynamics: bool = True,
   trials: int = 0,
+  rows: int | None = None,
 ) -> AULState:
   """Zero accumulator; an (N, T) history of `history_dtype` when one is given, else none;
   the other training dynamics unless `dynamics=False` (then only losses are scattered).
-  With `trials` = R > 0 every array has a leading R axis."""
+  With `trials` = R > 0 every array has a leading R axis. `rows` >= N pads the example
+  axis (default: N rows)."""
   lead = (trials,) if trials else ()
+  rows = num_examples if rows is None else rows
+  if rows < num_examples:
+    raise ValueError(f'rows={rows} is fewer than the {num_examples} examples')
 
   def zeros(shape, dtype=jnp.float32):  # Every field its own buffer, so it can be donated.
     return jnp.zeros(lead + shape, dtype)
 
   history = None
   if history_dtype is not None:
-    history = zeros((num_examples, num_epochs), jnp.dtype(history_dtype))
+    history = zeros((rows, num_epochs), jnp.dtype(history_dtype))
   return AULState(
-    aul_N=zeros((num_examples,)),
+    aul_N=zeros((rows,)),
     history_NxT=history,
-    dynamics=dynamics_lib.init_dynamics(num_examples, lead) if dynamics else None,
+    dynamics=dynamics_lib.init_dynamics(rows, lead) if dynamics else None,
+    num_examples=num_examples,
   )
 
 
 def statistics(state: AULState) -> dict[str, jax.Array]:
-  """Every per-example statistic of the run: the AUL and `dynamics.statistics`'s."""
+  """Every per-example statistic of the run: the AUL and `dynamics.statistics`'s. Their
+  first `state.num_examples` rows are the examples, any further rows padding
+  (`aul_jax.train.host_statistics` cuts them off)."""
   stats = {'aul': state.aul_N}
   if state.dynamics is not None:
     stats.update(dynamics_lib.statistics(state.dynamics))
@@ -61,9 +75,10 @@ def tracked(state: AULState) -> int:
   return 1 if state.dynamics is None else len(dynamics_lib.PER_EXAMPLE)
 
 
-def init_epoch_values(num_examples: int, num_tracked: int) -> jax.Array:
-  """Zero (N, Q) float32 values of one epoch: column q is dynamics.PER_EXAMPLE[q]."""
-  return jnp.zeros((num_examples, num_tracked), jnp.float32)
+def init_epoch_values(num_rows: int, num_tracked: int) -> jax.Array:
+  """Zero (N, Q) float32 values of one epoch (or of a device's rows of it): column q is
+  dynamics.PER_EXAMPLE[q]."""
+  return jnp.zeros((num_rows, num_tracked), jnp.float32)
 
 
 def scatter_losses(
@@ -73,6 +88,18 @@ def scatter_losses(
   entries add nothing. One scatter for all Q values: rows, not Q separate scatters."""
   mask = mask_B.reshape(mask_B.shape + (1,) * (loss_B.ndim - 1))
   return epoch_loss_N.at[index_B].add(jnp.where(mask, loss_B, 0.0))
+
+
+def scatter_own_rows(
+  epoch_nxQ: jax.Array, first_row: jax.Array, index_B: jax.Array, values_BxQ: jax.Array, mask_B
+) -> jax.Array:
+  """`scatter_losses` into one device's rows first_row.. of the epoch's values: the batch's
+  examples in other devices' rows are dropped, so each device writes only its own range."""
+  rows = epoch_nxQ.shape[0]
+  local_B = index_B - first_row
+  # Out of range -> `rows`, which a scatter drops (a negative index would wrap around).
+  local_B = jnp.where((local_B >= 0) & (local_B < rows), local_B, rows)
+  return scatter_losses(epoch_nxQ, local_B, values_BxQ, mask_B)
 
 
 def add_epoch(state: AULState, epoch_NxQ: jax.Array, epoch: jax.Array) -> AULState:
@@ -89,4 +116,4 @@ def add_epoch(state: AULState, epoch_NxQ: jax.Array, epoch: jax.Array) -> AULSta
   if dynamics is not None:
     values_N = dict(zip(dynamics_lib.PER_EXAMPLE, epoch_NxQ.T, strict=True))
     dynamics = dynamics_lib.add_epoch(dynamics, values_N)
-  return AULState(aul_N=state.aul_N + epoch_loss_N, history_NxT=history, dynamics=dynamics)
+  return AULState(state.aul_N + epoch_loss_N, history, dynamics, state.num_examples)

@@ -433,12 +433,11 @@ def _stage_results(saved, job: Job, train_stage) -> dict[str, np.ndarray]:
 def _dynamics_results(config, job: Job, dataset, mesh, saved, progress) -> dict:
   """Trains `job` and returns its artifact: statistics, history and test error."""
   network = train_network(config, job, dataset, mesh, saved, progress)
-  # A dict comprehension, not to_host: pytree maps sort the keys, and scores.csv keeps the
-  # documented order of the columns.
-  statistics = train.over_trials(aul.statistics, network.trials)(network.aul_state)
-  results = {f'stat_{name}': np.asarray(value) for name, value in statistics.items()}
-  if network.aul_state.history_NxT is not None:
-    results['history_NxT'] = train.to_host(network.aul_state.history_NxT)
+  statistics = train.host_statistics(network.aul_state, network.trials)
+  results = {f'stat_{name}': value for name, value in statistics.items()}
+  history_NxT = train.host_history(network.aul_state)
+  if history_NxT is not None:
+    results['history_NxT'] = history_NxT
   errors = test_errors(config, network, dataset, mesh)
   progress.scalar(f'{job.stage}/test_error', _mean_or_none(errors), job.recipe.epochs)
   results['test_error'] = errors
@@ -496,8 +495,7 @@ def _threshold_statistics(config, dataset, noisy, mesh, saved, progress) -> dict
 
 def _aum_results(config, job: Job, dataset, mesh, saved, progress) -> dict:
   network = train_network(config, job, dataset, mesh, saved, progress)
-  statistics = train.over_trials(aul.statistics, network.trials)(network.aul_state)
-  return {'aum': np.asarray(statistics['aum'])}
+  return {'aum': train.host_statistics(network.aul_state, network.trials)['aum']}
 
 
 def train_network(config, job: Job, dataset, mesh, saved, progress) -> TrainedNetwork:
@@ -553,8 +551,9 @@ def train_network(config, job: Job, dataset, mesh, saved, progress) -> TrainedNe
   if job.truth_N is not None:
     train_data['is_mislabeled'] = np.asarray(job.truth_N, bool)
   state = train.replicate(state, mesh)
-  aul_state = aul.init_aul_state(num_examples, recipe.epochs, job.history_dtype, trials=trials)
-  aul_state = train.replicate(aul_state, mesh)
+  aul_state = train.init_aul_state(
+    mesh, num_examples, recipe.epochs, job.history_dtype, trials=trials
+  )
   with saved.stage(job.stage) if saved is not None else contextlib.nullcontext() as stage:
     start_epoch, step_offset = 0, 0
     if stage is not None:

@@ -9,6 +9,11 @@ states, AUL states and keys carry a leading R axis, and so may the per-example d
 (labels, weights) that differ between them; the per-device epoch is `jax.vmap`ped over R,
 so the images are on the device once and an epoch stays one dispatch. Without trials
 (`trials=0`) nothing is vmapped and the arrays have no R axis.
+
+Per-example state (the AUL state and the epoch's values) is split over the data axis: each
+device owns a contiguous range of ceil(N / devices) example rows (`init_aul_state`). Every
+step gathers the global batch's per-example values, and each device scatters into its own
+rows only, so a device holds O(N / devices) bytes of it.
 """
 
 import concurrent.futures
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -56,6 +62,40 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """Places every array of `tree` on every device of `mesh`."""
   return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def rows_per_device(num_examples: int, mesh: jax.sharding.Mesh) -> int:
+  """Example rows of per-example state that each device owns: ceil(N / devices)."""
+  return -(-num_examples // mesh.shape[DATA_AXIS])
+
+
+def _data_spec(trials: int) -> P:
+  """Split over the data axis along the examples: batches and per-example state ((N, ...),
+  or (R, N, ...) with trials)."""
+  return P(None, DATA_AXIS) if trials else P(DATA_AXIS)
+
+
+def init_aul_state(
+  mesh: jax.sharding.Mesh,
+  num_examples: int,
+  num_epochs: int,
+  history_dtype: str | None,
+  *,
+  dynamics: bool = True,
+  trials: int = 0,
+) -> aul.AULState:
+  """`aul.init_aul_state`, created split over the data axis of `mesh`: padded to a whole
+  number of rows per device, each device holding only its rows; per-run scalars whole."""
+  rows = rows_per_device(num_examples, mesh) * mesh.shape[DATA_AXIS]
+  init = functools.partial(
+    aul.init_aul_state, num_examples, num_epochs, history_dtype, dynamics=dynamics,
+    trials=trials, rows=rows,
+  )  # fmt: skip
+  per_example = NamedSharding(mesh, _data_spec(trials))
+  whole = NamedSharding(mesh, P())
+  lead = 2 if trials else 1
+  shardings = jax.tree.map(lambda a: per_example if a.ndim >= lead else whole, jax.eval_shape(init))
+  return jax.jit(init, out_shardings=shardings)()
 
 
 def make_optimizer(
@@ -215,6 +255,21 @@ def _epoch_keys(key: jax.Array, epoch: jax.Array) -> tuple[jax.Array, jax.Array,
   return order_key, augment_key, weight_key
 
 
+def init_epoch_values(mesh: jax.sharding.Mesh, num_examples: int, tracked: int, trials: int = 0):
+  """`aul.init_epoch_values`, created split over the data axis like `init_aul_state`."""
+  rows = rows_per_device(num_examples, mesh) * mesh.shape[DATA_AXIS]
+  return _epoch_zeros(mesh, rows, tracked, trials)()
+
+
+@functools.lru_cache(maxsize=16)
+def _epoch_zeros(mesh: jax.sharding.Mesh, rows: int, tracked: int, trials: int) -> Callable:
+  """A compiled maker of zero epoch values, one per layout (the streamed epoch calls it
+  every epoch)."""
+  lead = (trials,) if trials else ()
+  zeros = lambda: jnp.broadcast_to(aul.init_epoch_values(rows, tracked), (*lead, rows, tracked))  # noqa: E731
+  return jax.jit(zeros, out_shardings=NamedSharding(mesh, _data_spec(trials)))
+
+
 def _step_and_scatter(
   carry,
   images_b,
@@ -233,9 +288,9 @@ def _step_and_scatter(
 
   Augments this device's images with per-example keys of their global batch position,
   trains, gathers the global batch's per-example losses (and other dynamics) and scatters
-  them by index into the epoch's (N, Q) values.
+  them by index into this device's rows of the epoch's (N, Q) values.
   """
-  state, epoch_NxQ, stats = carry
+  state, epoch_nxQ, stats = carry
   local_batch = images_b.shape[0]
   index_b, mask_b = device_slice(index_B, local_batch), device_slice(mask_B, local_batch)
   if augment_images:
@@ -250,8 +305,9 @@ def _step_and_scatter(
   values_bxP = jnp.stack([metrics[n].astype(jnp.float32) for n in dynamics.PER_EXAMPLE], -1)
   values_BxP = jax.lax.all_gather(values_bxP, DATA_AXIS, tiled=True, to='invarying')
   loss_B, correct_B = values_BxP[:, 0], values_BxP[:, 1] > 0
-  tracked_BxQ = values_BxP[:, : epoch_NxQ.shape[1]]
-  epoch_NxQ = aul.scatter_losses(epoch_NxQ, index_B, tracked_BxQ, mask_B)
+  tracked_BxQ = values_BxP[:, : epoch_nxQ.shape[1]]
+  first_row = jax.lax.axis_index(DATA_AXIS) * epoch_nxQ.shape[0]
+  epoch_nxQ = aul.scatter_own_rows(epoch_nxQ, first_row, index_B, tracked_BxQ, mask_B)
   finite = jnp.all(jnp.isfinite(jnp.where(mask_B, loss_B, 0.0)))
   stats = {
     'loss_sum': stats['loss_sum'] + jnp.sum(jnp.where(mask_B, loss_B, 0.0)),
@@ -260,7 +316,7 @@ def _step_and_scatter(
       (stats['first_nonfinite_step'] < 0) & ~finite, step, stats['first_nonfinite_step']
     ),
   }
-  return state, epoch_NxQ, stats
+  return state, epoch_nxQ, stats
 
 
 def over_trials(fn: Callable, trials: int, in_axes: Any = 0) -> Callable:
@@ -268,13 +324,16 @@ def over_trials(fn: Callable, trials: int, in_axes: Any = 0) -> Callable:
   return jax.vmap(fn, in_axes=in_axes) if trials else fn
 
 
-def _finish_epoch(aul_state, epoch_NxQ, stats, data, epoch, trials: int):
-  """Folds the epoch into the AUL state; with the truth known, adds the AUL's AUROC."""
+def _finish_epoch(aul_state, epoch_NxQ, stats, data, epoch, *, trials: int, mesh):
+  """Folds the epoch into the AUL state; with the truth known, adds the AUL's AUROC (from
+  the AUL gathered whole on every device: the sort needs all of it)."""
   fold = over_trials(lambda state, values: aul.add_epoch(state, values, epoch), trials)
   aul_state = fold(aul_state, epoch_NxQ)
   if 'is_mislabeled' in data:
-    auroc = over_trials(lambda aul_N: metrics.auroc_on_device(aul_N, data['is_mislabeled']), trials)
-    stats = {**stats, 'aul_auroc': auroc(aul_state.aul_N)}
+    truth_N = data['is_mislabeled']
+    aul_N = jax.sharding.reshard(aul_state.aul_N, NamedSharding(mesh, P()))[..., : len(truth_N)]
+    auroc = functools.partial(metrics.auroc_on_device, truth_N=truth_N)
+    stats = {**stats, 'aul_auroc': over_trials(auroc, trials)(aul_N)}
   return aul_state, stats
 
 
@@ -298,14 +357,16 @@ def make_train_epoch(
 
   `data` holds replicated device arrays 'image' (N,H,W,C), 'label' (N,) and 'weight' (N,),
   and optionally the truth 'is_mislabeled' (N,), which adds the AUL's AUROC to the stats.
-  The whole epoch is one `lax.scan`. The per-example losses (and, if `aul_state` tracks
-  them, the other dynamics) of each step are gathered over devices and scattered by index
-  into the epoch's (N, Q) values, which are folded into the donated AUL state. With
+  `aul_state` is split over the data axis (`init_aul_state`). The whole epoch is one
+  `lax.scan`. The per-example losses (and, if `aul_state` tracks them, the other dynamics)
+  of each step are gathered over devices and scattered by index into each device's rows of
+  the epoch's (N, Q) values, which are folded into the donated AUL state. With
   `draw_weights`, `draw_weights(key, N)` replaces data['weight'] with fresh weights at
   every epoch. With `trials` = R > 0, state, aul_state, key and the `trial_fields` of
   `data` have a leading R axis (the module docstring), and so have the stats.
   """
   local_batch = batch_size // mesh.shape[DATA_AXIS]
+  local_rows = rows_per_device(num_examples, mesh)
   one_step = functools.partial(
     _step_and_scatter, step_fn=step_fn, batch_size=batch_size, augment_images=augment_images
   )
@@ -321,10 +382,12 @@ def make_train_epoch(
       images_b = data['image'][device_slice(index_B, local_batch)]
       return one_step(carry, images_b, index_B, mask_B, step, augment_key, data, epoch), None
 
-    carry = (state, aul.init_epoch_values(num_examples, tracked), _initial_stats())
+    # Each device's own rows: varying over the data axis, like the scan's output.
+    epoch_nxQ = jax.lax.pcast(aul.init_epoch_values(local_rows, tracked), DATA_AXIS, to='varying')
+    carry = (state, epoch_nxQ, _initial_stats())
     steps = jnp.arange(index_SxB.shape[0])
-    (state, epoch_NxQ, stats), _ = jax.lax.scan(body, carry, (steps, index_SxB, mask_SxB))
-    return state, epoch_NxQ, stats
+    (state, epoch_nxQ, stats), _ = jax.lax.scan(body, carry, (steps, index_SxB, mask_SxB))
+    return state, epoch_nxQ, stats
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def run_epoch(state, aul_state, data, key, epoch):
@@ -335,10 +398,15 @@ def make_train_epoch(
       in_axes=(0, _data_axes(data, trial_fields), 0, None),
     )
     sharded_epoch = jax.shard_map(
-      epoch_fn, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=(P(), P(), P())
+      epoch_fn,
+      mesh=mesh,
+      in_specs=(P(), P(), P(), P()),
+      out_specs=(P(), _data_spec(trials), P()),
     )
     state, epoch_NxQ, stats = sharded_epoch(state, data, key, epoch)
-    aul_state, stats = _finish_epoch(aul_state, epoch_NxQ, stats, data, epoch, trials)
+    aul_state, stats = _finish_epoch(
+      aul_state, epoch_NxQ, stats, data, epoch, trials=trials, mesh=mesh
+    )
     return state, aul_state, stats
 
   return run_epoch
@@ -365,8 +433,7 @@ def make_streamed_train_epoch(
   optionally 'is_mislabeled') on the device; it has no 'image'. With trials, each step
   loads the R trials' batches, (R, B, H, W, C).
   """
-  batch_spec = P(None, DATA_AXIS) if trials else P(DATA_AXIS)
-  batch_sharding = NamedSharding(mesh, batch_spec)
+  data_sharding = NamedSharding(mesh, _data_spec(trials))
   one_step = functools.partial(
     _step_and_scatter, step_fn=step_fn, batch_size=batch_size, augment_images=augment_images
   )
@@ -379,24 +446,20 @@ def make_streamed_train_epoch(
     sharded_step = jax.shard_map(
       step_fn,
       mesh=mesh,
-      in_specs=(P(), batch_spec, P(), P(), P(), P(), P(), P()),
-      out_specs=P(),
+      in_specs=((P(), _data_spec(trials), P()), _data_spec(trials), P(), P(), P(), P(), P(), P()),
+      out_specs=(P(), _data_spec(trials), P()),
     )
     return sharded_step(carry, images, index_B, mask_B, step, augment_key, data, epoch)
 
-  def begin_epoch(key, epoch, tracked):
+  def begin_epoch(key, epoch):
     order_key, augment_key, weight_key = _epoch_keys(key, epoch)
     weight_N = None if draw_weights is None else draw_weights(weight_key, num_examples)
     index_SxB, mask_SxB = epoch_order(order_key, num_examples, batch_size)
-    zeros = aul.init_epoch_values(num_examples, tracked)
-    return weight_N, index_SxB, mask_SxB, augment_key, zeros, _initial_stats()
+    return weight_N, index_SxB, mask_SxB, augment_key, _initial_stats()
 
-  @functools.partial(jax.jit, static_argnums=(2,))
-  def start_epoch(key, epoch, tracked):
-    begin = functools.partial(begin_epoch, tracked=tracked)
-    return over_trials(begin, trials, in_axes=(0, None))(key, epoch)
+  start_epoch = jax.jit(over_trials(begin_epoch, trials, in_axes=(0, None)))
 
-  finish = jax.jit(functools.partial(_finish_epoch, trials=trials), donate_argnums=(0,))
+  finish = jax.jit(functools.partial(_finish_epoch, trials=trials, mesh=mesh), donate_argnums=(0,))
 
   def device_batch(index: np.ndarray) -> jax.Array:
     """The images of a global batch ((B,) indices, or (R, B) with trials) as a data-sharded
@@ -409,13 +472,12 @@ def make_streamed_train_epoch(
       images = load_images(rows.reshape(-1)).astype(np.float32)
       return images.reshape(*rows.shape, *example.shape[1:])
 
-    return jax.make_array_from_callback(shape, batch_sharding, load)
+    return jax.make_array_from_callback(shape, data_sharding, load)
 
   def run_epoch(state, aul_state, data, key, epoch):
     epoch = jnp.asarray(epoch, jnp.int32)
-    weight, index, mask, augment_key, epoch_NxQ, stats = start_epoch(
-      key, epoch, aul.tracked(aul_state)
-    )
+    weight, index, mask, augment_key, stats = start_epoch(key, epoch)
+    epoch_NxQ = init_epoch_values(mesh, num_examples, aul.tracked(aul_state), trials)
     fields = trial_fields
     if weight is not None:  # This epoch's random weights, one set per trial.
       data, fields = {**data, 'weight': weight}, (*trial_fields, 'weight')
@@ -522,8 +584,32 @@ def make_predict(
 
 
 def to_host(tree: Any) -> Any:
-  """Copies a pytree of device arrays to numpy (the only place training data leave the device)."""
-  return jax.tree.map(np.asarray, tree)
+  """Copies a pytree of device arrays to numpy (the only place training data leave the
+  device), whole: an array split over several processes' devices is gathered first."""
+
+  def fetch(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      a = multihost_utils.process_allgather(a, tiled=True)
+    return np.asarray(a)
+
+  return jax.tree.map(fetch, tree)
+
+
+def host_statistics(aul_state: aul.AULState, trials: int = 0) -> dict[str, np.ndarray]:
+  """`aul.statistics` as host arrays of the N examples, (N,) each ((R, N) with trials):
+  computed where the state lies, gathered, the padding rows cut off."""
+  statistics = over_trials(aul.statistics, trials)(aul_state)
+  # A dict comprehension, not to_host: pytree maps sort the keys, and scores.csv keeps the
+  # documented order of the columns.
+  return {name: to_host(v)[..., : aul_state.num_examples] for name, v in statistics.items()}
+
+
+def host_history(aul_state: aul.AULState) -> np.ndarray | None:
+  """The (N, T) loss history of the N examples ((R, N, T) with trials) on the host, or
+  None when none was kept."""
+  if aul_state.history_NxT is None:
+    return None
+  return to_host(aul_state.history_NxT)[..., : aul_state.num_examples, :]
 
 
 def _epoch_metrics(epoch: int, stats: dict, num_examples: int, started: float) -> dict:

@@ -121,9 +121,8 @@ class Mode:
       lower_args = (self.state, self.data, self.key, epoch)
     else:
       history = mode.removeprefix('aul_history_') if mode.startswith('aul_history_') else None
-      self.aul_state = train.replicate(
-        aul.init_aul_state(num_examples, args.history_epochs, history, dynamics=mode != 'aul_only'),
-        mesh,
+      self.aul_state = train.init_aul_state(
+        mesh, num_examples, args.history_epochs, history, dynamics=mode != 'aul_only'
       )
       run = train.make_train_epoch(
         step_fn, mesh, num_examples=num_examples, batch_size=args.batch_size, augment_images=False

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aul_jax import aul, models, retrain, train
+from aul_jax import models, retrain, train
 from benchmarks import common
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -94,7 +94,7 @@ def xla_flops_per_image(args: argparse.Namespace) -> float | None:
   """XLA's count of one training step's FLOPs per image (a one-step epoch, not compiled)."""
   run_epoch, state, mesh = make_run(args, args.batch_size)
   data = train.replicate(random_data(args.batch_size, truth=False), mesh)
-  aul_state = train.replicate(aul.init_aul_state(args.batch_size, 1, None), mesh)
+  aul_state = train.init_aul_state(mesh, args.batch_size, 1, None)
   try:
     cost = run_epoch.lower(state, aul_state, data, jax.random.key(1), 0).cost_analysis()
   except Exception as e:  # Not every backend or version implements it.
@@ -107,7 +107,7 @@ def xla_flops_per_image(args: argparse.Namespace) -> float | None:
 def time_run(args: argparse.Namespace) -> dict[str, Any]:
   """Runs 1 + `args.epochs` epochs (or fewer, past the time limit); returns the timings."""
   run_epoch, state, mesh = make_run(args, args.num_examples)
-  aul_state = train.replicate(aul.init_aul_state(args.num_examples, 1, None), mesh)
+  aul_state = train.init_aul_state(mesh, args.num_examples, 1, None)
   data = train.replicate(random_data(args.num_examples, truth=not args.no_truth), mesh)
   jax.block_until_ready(data)
   log('data on the device; compiling and running the first epoch')

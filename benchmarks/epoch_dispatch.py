@@ -46,7 +46,7 @@ def make_python_loop_epoch(
       'correct': jnp.zeros((), jnp.int32),
       'first_nonfinite_step': jnp.array(-1, jnp.int32),
     }
-    return index_SxB, mask_SxB, aul.init_epoch_values(num_examples, 1), stats
+    return index_SxB, mask_SxB, stats
 
   def per_device_step(state, epoch_NxQ, stats, data, index_SxB, mask_SxB, step, epoch):
     # The library's own per-device step (shared with its scan and streamed epochs), so the
@@ -68,14 +68,20 @@ def make_python_loop_epoch(
     )
 
   one_step = jax.jit(
-    jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(),) * 8, out_specs=(P(), P(), P())),
+    jax.shard_map(
+      per_device_step,
+      mesh=mesh,
+      in_specs=(P(), P(train.DATA_AXIS), *(P(),) * 6),
+      out_specs=(P(), P(train.DATA_AXIS), P()),
+    ),
     donate_argnums=(0, 1, 2),
   )
   finish = jax.jit(aul.add_epoch, donate_argnums=(0,))
 
   def run_epoch(state, aul_state, data, key, epoch):
     epoch = jnp.asarray(epoch, jnp.int32)
-    index_SxB, mask_SxB, epoch_NxQ, stats = start(key, epoch)
+    index_SxB, mask_SxB, stats = start(key, epoch)
+    epoch_NxQ = train.init_epoch_values(mesh, num_examples, 1)
     for step in range(steps):
       state, epoch_NxQ, stats = one_step(
         state, epoch_NxQ, stats, data, index_SxB, mask_SxB, jnp.int32(step), epoch
@@ -100,9 +106,7 @@ class Runner:
     image_shape = data_host['image'].shape[1:]
     state = train.create_train_state(model, optimizer, image_shape, jax.random.key(0))
     self.state = train.replicate(state, mesh)
-    self.aul_state = train.replicate(
-      aul.init_aul_state(num_examples, 1, None, dynamics=False), mesh
-    )
+    self.aul_state = train.init_aul_state(mesh, num_examples, 1, None, dynamics=False)
     self.data = train.replicate(data_host, mesh)
     self.key, self.epoch, self.epochs = jax.random.key(1), 0, args.epochs
     self.conv = args.conv_impl

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aul_jax import aul, models, train
+from aul_jax import models, train
 from aul_jax.models import conv as conv_lib
 from aul_jax.models import layers
 from aul_jax.models.conv import (  # noqa: F401 (re-exported for the tests)
@@ -129,7 +129,7 @@ class JaxEpoch:
     with conv_impl(conv):
       state = train.create_train_state(model, optimizer, IMAGE_SHAPE, jax.random.key(0))
     self.state = train.replicate(state, self.mesh)
-    self.aul_state = train.replicate(aul.init_aul_state(self.num_examples, 1, None), self.mesh)
+    self.aul_state = train.init_aul_state(self.mesh, self.num_examples, 1, None)
     self.data = train.replicate(data, self.mesh)
     self.key = jax.random.key(1)
     self.epoch = 0

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aul_jax import aul, models, train
+from aul_jax import models, train
 from benchmarks import common
 
 NUM_CLASSES = 10
@@ -47,7 +47,7 @@ class Epochs:
     keys = jnp.stack([jax.random.key(r) for r in range(max(trials, 1))])
     keys = keys if trials else keys[0]
     self.state = train.replicate(train.over_trials(init, trials)(keys), mesh)
-    self.aul_state = train.replicate(aul.init_aul_state(n, 1, None, trials=trials), mesh)
+    self.aul_state = train.init_aul_state(mesh, n, 1, None, trials=trials)
     rng = np.random.default_rng(0)
     self.data = train.replicate(
       {

@@ -203,6 +203,20 @@ def test_trials_quick():
       )
 
 
+def test_per_example_memory_quick():
+  out, record = run_benchmark('per_example_memory.py')
+  rows = {row['devices']: row for row in record['by_devices']}
+  assert set(rows) == {1, 2, 4} and record['num_examples'] == 4099
+  # Each device holds only its ceil(N / devices) rows: 40 bytes each, plus the scalars.
+  assert [rows[d]['rows_per_device'] for d in (1, 2, 4)] == [4099, 2050, 1025]
+  for row in rows.values():
+    assert row['state_bytes_per_row'] == 40
+    assert 0 < row['state_bytes_per_device'] - 40 * row['rows_per_device'] <= 16
+  assert record['bytes_per_example_per_device'] == 60
+  assert record['projected_bytes_per_device']['100M']['8_devices'] == 60 * 12_500_000
+  assert 'projected per device' in out
+
+
 def test_fault_injection_quick():
   out, record = run_benchmark('fault_injection.py')
   assert record['kills'] == 1 and record['identical'] == 1

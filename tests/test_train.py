@@ -43,7 +43,7 @@ def _run(num_devices, model, data, *, epochs=2, learning_rate=0.1, augment_image
   )
   state = train_lib.create_train_state(model, optimizer, data['image'].shape[1:], jax.random.key(0))
   state = train_lib.replicate(state, mesh)
-  aul_state = train_lib.replicate(aul.init_aul_state(NUM_EXAMPLES, epochs, 'float32'), mesh)
+  aul_state = train_lib.init_aul_state(mesh, NUM_EXAMPLES, epochs, 'float32')
   run_epoch = train_lib.make_train_epoch(
     train_lib.make_step(model, optimizer),
     mesh,
@@ -63,6 +63,10 @@ def _run(num_devices, model, data, *, epochs=2, learning_rate=0.1, augment_image
   )
 
 
+def _aul(aul_state):
+  return train_lib.host_statistics(aul_state)['aul']
+
+
 def test_epoch_order_visits_every_example_once_and_masks_padding():
   index, mask = train_lib.epoch_order(jax.random.key(3), NUM_EXAMPLES, BATCH)
   assert index.shape == mask.shape == (4, BATCH)
@@ -80,7 +84,7 @@ def test_every_example_counted_exactly_once_including_last_partial_batch():
   state, aul_state = _run(1, model, data, epochs=1, learning_rate=0.0)
   logits = model.apply({'params': state.params}, data['image'], train=False)
   expected = losses.cross_entropy(logits, data['label'])
-  np.testing.assert_allclose(np.asarray(aul_state.aul_N), expected, rtol=1e-5)
+  np.testing.assert_allclose(_aul(aul_state), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize('augment_images', [False, True])
@@ -89,21 +93,23 @@ def test_one_and_four_devices_give_the_same_aul(augment_images):
   data = _data(shape)
   _, one = _run(1, TinyNet(), data, augment_images=augment_images)
   state4, four = _run(4, TinyNet(), data, augment_images=augment_images)
-  np.testing.assert_allclose(np.asarray(one.aul_N), np.asarray(four.aul_N), rtol=1e-4, atol=1e-5)
-  assert len(four.aul_N.sharding.device_set) == 4  # Stays on the devices, replicated.
+  np.testing.assert_allclose(_aul(one), _aul(four), rtol=1e-4, atol=1e-5)
+  # Split over the devices: each holds its ceil(203 / 4) = 51 rows, the last one padding.
+  assert [shard.data.shape for shard in four.aul_N.addressable_shards] == [(51,)] * 4
+  assert not np.asarray(four.aul_N)[NUM_EXAMPLES:].any()
 
 
 def test_history_rows_sum_to_the_aul():
   _, aul_state = _run(1, TinyNet(), _data(), epochs=3)
-  history = np.asarray(aul_state.history_NxT)
+  history = train_lib.host_history(aul_state)
   assert history.shape == (NUM_EXAMPLES, 3)
-  np.testing.assert_allclose(history.sum(1), np.asarray(aul_state.aul_N), rtol=1e-5)
+  np.testing.assert_allclose(history.sum(1), _aul(aul_state), rtol=1e-5)
   assert (history > 0).all()
 
 
 def test_training_lowers_the_loss():
   _, aul_state = _run(1, TinyNet(), _data(), epochs=8)
-  history = np.asarray(aul_state.history_NxT)
+  history = train_lib.host_history(aul_state)
   assert history[:, -1].mean() < 0.7 * history[:, 0].mean()
 
 
@@ -187,14 +193,14 @@ def test_streamed_epochs_match_device_resident_epochs(num_devices, augment_image
   _, streamed = train_lib.train_epochs(
     run_epoch,
     train_lib.replicate(state, mesh),
-    train_lib.replicate(aul.init_aul_state(NUM_EXAMPLES, 2, 'float32'), mesh),
+    train_lib.init_aul_state(mesh, NUM_EXAMPLES, 2, 'float32'),
     train_lib.replicate(small, mesh),
     jax.random.key(1),
     num_epochs=2,
     num_examples=NUM_EXAMPLES,
     on_epoch=lambda epoch, metrics: None,
   )
-  np.testing.assert_allclose(np.asarray(streamed.aul_N), np.asarray(resident.aul_N), rtol=1e-5)
+  np.testing.assert_allclose(_aul(streamed), _aul(resident), rtol=1e-5)
   # Each device's loader call fetches only that device's slice of a batch.
   assert max(loaded) == BATCH // num_devices
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aul_jax import aul, coteaching, models
+from aul_jax import coteaching, models
 from aul_jax import train as train_lib
 from aul_jax.errors import Preempted
 from tests.test_checkpointing import _stop_at
@@ -48,7 +48,7 @@ def _train(data, keys, *, num_devices=1, trials=0, stream=False, model=None, ste
   init = functools.partial(train_lib.create_train_state, model, optimizer, (8, 8, 1))
   split = train_lib.over_trials(jax.random.split, trials)(keys)
   state = train_lib.over_trials(init, trials)(split[..., 0])
-  aul_state = aul.init_aul_state(NUM_EXAMPLES, EPOCHS, 'float32', trials=trials)
+  aul_state = train_lib.init_aul_state(mesh, NUM_EXAMPLES, EPOCHS, 'float32', trials=trials)
   options = {
     'num_examples': NUM_EXAMPLES,
     'batch_size': BATCH,
@@ -65,7 +65,7 @@ def _train(data, keys, *, num_devices=1, trials=0, stream=False, model=None, ste
   return train_lib.train_epochs(
     run_epoch,
     train_lib.replicate(state, mesh),
-    train_lib.replicate(aul_state, mesh),
+    aul_state,
     train_lib.replicate(device_data, mesh),
     split[..., 1],
     num_epochs=EPOCHS,
@@ -79,7 +79,7 @@ def _trial(data, r):
 
 
 def _statistics(aul_state):
-  return train_lib.over_trials(aul.statistics, aul_state.aul_N.ndim == 2)(aul_state)
+  return train_lib.host_statistics(aul_state, aul_state.aul_N.ndim == 2)
 
 
 def _assert_same_dynamics(got, expected, rtol=1e-5, atol=1e-5):
@@ -109,12 +109,18 @@ def test_four_devices_give_the_trials_of_one(three_trials):
   data, (_, one_device) = three_trials
   _, four = _train(data, _keys(TRIALS), trials=TRIALS, num_devices=4)
   _assert_same_dynamics(four, one_device, rtol=1e-4, atol=1e-4)
+  # Every trial's per-example state is split over the devices along the examples.
+  rows = -(-NUM_EXAMPLES // 4)
+  shapes = {shard.data.shape for shard in four.dynamics.margin_sum_N.addressable_shards}
+  assert shapes == {(TRIALS, rows)}
 
 
 def test_streamed_trials_equal_device_resident_trials(three_trials):
   data, (_, resident) = three_trials
   _, streamed = _train(data, _keys(TRIALS), trials=TRIALS, num_devices=2, stream=True)
   _assert_same_dynamics(streamed, resident, rtol=1e-4, atol=1e-4)
+  rows = -(-NUM_EXAMPLES // 2)
+  assert {shard.data.shape for shard in streamed.aul_N.addressable_shards} == {(TRIALS, rows)}
 
 
 def test_shared_labels_broadcast_to_every_trial():
@@ -143,7 +149,7 @@ def test_coteaching_pairs_train_as_trials():
     return train_lib.train_epochs(
       run_epoch,
       pair(split[..., 0]),
-      aul.init_aul_state(NUM_EXAMPLES, EPOCHS, None, trials=trials),
+      train_lib.init_aul_state(mesh, NUM_EXAMPLES, EPOCHS, None, trials=trials),
       train_lib.replicate(data, mesh),
       split[..., 1],
       num_epochs=EPOCHS,
