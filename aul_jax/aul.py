@@ -25,6 +25,8 @@ class AULState:
   aul_N: jax.Array
   history_NxT: jax.Array | None = None
   dynamics: dynamics_lib.Dynamics | None = None
+  # With a history: the current epoch's losses, which `end_epoch` writes as its column.
+  epoch_loss_N: jax.Array | None = None
   num_examples: int = flax.struct.field(pytree_node=False, default=0)
 
 
@@ -49,13 +51,15 @@ def init_aul_state(
   def zeros(shape, dtype=jnp.float32):  # Every field its own buffer, so it can be donated.
     return jnp.zeros(lead + shape, dtype)
 
-  history = None
+  history = epoch_loss = None
   if history_dtype is not None:
     history = zeros((rows, num_epochs), jnp.dtype(history_dtype))
+    epoch_loss = zeros((rows,))
   return AULState(
     aul_N=zeros((rows,)),
     history_NxT=history,
     dynamics=dynamics_lib.init_dynamics(rows, lead) if dynamics else None,
+    epoch_loss_N=epoch_loss,
     num_examples=num_examples,
   )
 
@@ -90,16 +94,44 @@ def scatter_losses(
   return epoch_loss_N.at[index_B].add(jnp.where(mask, loss_B, 0.0))
 
 
-def scatter_own_rows(
-  epoch_nxQ: jax.Array, first_row: jax.Array, index_B: jax.Array, values_BxQ: jax.Array, mask_B
-) -> jax.Array:
-  """`scatter_losses` into one device's rows first_row.. of the epoch's values: the batch's
-  examples in other devices' rows are dropped, so each device writes only its own range."""
-  rows = epoch_nxQ.shape[0]
-  local_B = index_B - first_row
-  # Out of range -> `rows`, which a scatter drops (a negative index would wrap around).
-  local_B = jnp.where((local_B >= 0) & (local_B < rows), local_B, rows)
-  return scatter_losses(epoch_nxQ, local_B, values_BxQ, mask_B)
+def add_rows(
+  state: AULState, rows_B: jax.Array, values_BxQ: jax.Array, epoch: jax.Array
+) -> AULState:
+  """Folds a batch's per-example values (B, Q) into rows `rows_B` of the state, as
+  `add_epoch` folds a whole epoch: each example once per epoch, so no (N, Q) epoch values
+  are kept. Rows out of range (>= the state's rows) are dropped. `end_epoch` closes the
+  epoch once all its batches are in."""
+  take = lambda a: a.at[rows_B].get(mode='fill', fill_value=0)  # noqa: E731
+  put = lambda a, new: a.at[rows_B].set(new, mode='drop')  # noqa: E731
+  loss_B = values_BxQ[:, 0]
+  dynamics = state.dynamics
+  if dynamics is not None:
+    values_B = dict(zip(dynamics_lib.PER_EXAMPLE, values_BxQ.T, strict=True))
+    rows = jax.tree.map(lambda a: take(a) if a.ndim else a, dynamics)
+    new = dynamics_lib.add_epoch(rows, values_B)
+    dynamics = jax.tree.map(lambda a, b: put(a, b) if a.ndim else a, dynamics, new)
+  epoch_loss = None if state.epoch_loss_N is None else put(state.epoch_loss_N, loss_B)
+  aul_N = put(state.aul_N, take(state.aul_N) + loss_B)
+  return state.replace(aul_N=aul_N, dynamics=dynamics, epoch_loss_N=epoch_loss)
+
+
+def end_epoch(state: AULState, epoch: jax.Array) -> AULState:
+  """Closes epoch `epoch` after `add_rows` has folded in all of its examples: counts it,
+  and writes its losses as the history's column."""
+  history, dynamics = state.history_NxT, state.dynamics
+  if history is not None:
+    history = _with_column(history, state.epoch_loss_N, epoch)
+  if dynamics is not None:
+    dynamics = dynamics.replace(num_epochs=dynamics.num_epochs + 1)
+  return state.replace(history_NxT=history, dynamics=dynamics)
+
+
+def _with_column(history_NxT: jax.Array, loss_N: jax.Array, epoch: jax.Array) -> jax.Array:
+  """The history with column `epoch` set to `loss_N`, in place."""
+  # dynamic_update_slice updates in place; `.at[epoch].set` on a bfloat16 history makes
+  # XLA:CPU upcast a copy of all of it every epoch (docs/benchmarks.md, section 3).
+  column = loss_N.astype(history_NxT.dtype)[:, None]
+  return jax.lax.dynamic_update_slice(history_NxT, column, (jnp.zeros_like(epoch), epoch))
 
 
 def add_epoch(state: AULState, epoch_NxQ: jax.Array, epoch: jax.Array) -> AULState:
@@ -108,12 +140,9 @@ def add_epoch(state: AULState, epoch_NxQ: jax.Array, epoch: jax.Array) -> AULSta
   epoch_loss_N = epoch_NxQ[:, 0]
   history = state.history_NxT
   if history is not None:
-    # dynamic_update_slice updates in place; `.at[epoch].set` on a bfloat16 history makes
-    # XLA:CPU upcast a copy of all of it every epoch (docs/benchmarks.md, section 3).
-    column = epoch_loss_N.astype(history.dtype)[:, None]
-    history = jax.lax.dynamic_update_slice(history, column, (jnp.zeros_like(epoch), epoch))
+    history = _with_column(history, epoch_loss_N, epoch)
   dynamics = state.dynamics
   if dynamics is not None:
     values_N = dict(zip(dynamics_lib.PER_EXAMPLE, epoch_NxQ.T, strict=True))
     dynamics = dynamics_lib.add_epoch(dynamics, values_N)
-  return AULState(state.aul_N + epoch_loss_N, history, dynamics, state.num_examples)
+  return state.replace(aul_N=state.aul_N + epoch_loss_N, history_NxT=history, dynamics=dynamics)

@@ -10,10 +10,10 @@ states, AUL states and keys carry a leading R axis, and so may the per-example d
 so the images are on the device once and an epoch stays one dispatch. Without trials
 (`trials=0`) nothing is vmapped and the arrays have no R axis.
 
-Per-example state (the AUL state and the epoch's values) is split over the data axis: each
-device owns a contiguous range of ceil(N / devices) example rows (`init_aul_state`). Every
-step gathers the global batch's per-example values, and each device scatters into its own
-rows only, so a device holds O(N / devices) bytes of it.
+The per-example state (the AUL state) is split over the data axis: each device owns a
+contiguous range of ceil(N / devices) example rows (`init_aul_state`). Every step gathers
+the global batch's per-example values, and each device folds them into its own rows only
+(`aul.add_rows`), so a device holds 40 N / devices bytes of it and no (N, Q) epoch buffer.
 """
 
 import concurrent.futures
@@ -75,6 +75,12 @@ def _data_spec(trials: int) -> P:
   return P(None, DATA_AXIS) if trials else P(DATA_AXIS)
 
 
+def _aul_state_specs(aul_state: aul.AULState, trials: int) -> aul.AULState:
+  """The state's layout: per-example arrays split over the data axis, per-run scalars whole."""
+  lead = 2 if trials else 1
+  return jax.tree.map(lambda a: _data_spec(trials) if a.ndim >= lead else P(), aul_state)
+
+
 def init_aul_state(
   mesh: jax.sharding.Mesh,
   num_examples: int,
@@ -91,11 +97,8 @@ def init_aul_state(
     aul.init_aul_state, num_examples, num_epochs, history_dtype, dynamics=dynamics,
     trials=trials, rows=rows,
   )  # fmt: skip
-  per_example = NamedSharding(mesh, _data_spec(trials))
-  whole = NamedSharding(mesh, P())
-  lead = 2 if trials else 1
-  shardings = jax.tree.map(lambda a: per_example if a.ndim >= lead else whole, jax.eval_shape(init))
-  return jax.jit(init, out_shardings=shardings)()
+  specs = _aul_state_specs(jax.eval_shape(init), trials)
+  return jax.jit(init, out_shardings=jax.tree.map(lambda p: NamedSharding(mesh, p), specs))()
 
 
 def make_optimizer(
@@ -255,21 +258,6 @@ def _epoch_keys(key: jax.Array, epoch: jax.Array) -> tuple[jax.Array, jax.Array,
   return order_key, augment_key, weight_key
 
 
-def init_epoch_values(mesh: jax.sharding.Mesh, num_examples: int, tracked: int, trials: int = 0):
-  """`aul.init_epoch_values`, created split over the data axis like `init_aul_state`."""
-  rows = rows_per_device(num_examples, mesh) * mesh.shape[DATA_AXIS]
-  return _epoch_zeros(mesh, rows, tracked, trials)()
-
-
-@functools.lru_cache(maxsize=16)
-def _epoch_zeros(mesh: jax.sharding.Mesh, rows: int, tracked: int, trials: int) -> Callable:
-  """A compiled maker of zero epoch values, one per layout (the streamed epoch calls it
-  every epoch)."""
-  lead = (trials,) if trials else ()
-  zeros = lambda: jnp.broadcast_to(aul.init_epoch_values(rows, tracked), (*lead, rows, tracked))  # noqa: E731
-  return jax.jit(zeros, out_shardings=NamedSharding(mesh, _data_spec(trials)))
-
-
 def _step_and_scatter(
   carry,
   images_b,
@@ -287,10 +275,10 @@ def _step_and_scatter(
   """Per-device code of one step, shared by the device-resident and the streamed epochs.
 
   Augments this device's images with per-example keys of their global batch position,
-  trains, gathers the global batch's per-example losses (and other dynamics) and scatters
-  them by index into this device's rows of the epoch's (N, Q) values.
+  trains, gathers the global batch's per-example losses (and other dynamics) and folds
+  them by index into this device's rows of the AUL state.
   """
-  state, epoch_nxQ, stats = carry
+  state, aul_state, stats = carry
   local_batch = images_b.shape[0]
   index_b, mask_b = device_slice(index_B, local_batch), device_slice(mask_B, local_batch)
   if augment_images:
@@ -305,9 +293,8 @@ def _step_and_scatter(
   values_bxP = jnp.stack([metrics[n].astype(jnp.float32) for n in dynamics.PER_EXAMPLE], -1)
   values_BxP = jax.lax.all_gather(values_bxP, DATA_AXIS, tiled=True, to='invarying')
   loss_B, correct_B = values_BxP[:, 0], values_BxP[:, 1] > 0
-  tracked_BxQ = values_BxP[:, : epoch_nxQ.shape[1]]
-  first_row = jax.lax.axis_index(DATA_AXIS) * epoch_nxQ.shape[0]
-  epoch_nxQ = aul.scatter_own_rows(epoch_nxQ, first_row, index_B, tracked_BxQ, mask_B)
+  tracked_BxQ = values_BxP[:, : aul.tracked(aul_state)]
+  aul_state = aul.add_rows(aul_state, _own_rows(index_B, mask_B, aul_state), tracked_BxQ, epoch)
   finite = jnp.all(jnp.isfinite(jnp.where(mask_B, loss_B, 0.0)))
   stats = {
     'loss_sum': stats['loss_sum'] + jnp.sum(jnp.where(mask_B, loss_B, 0.0)),
@@ -316,7 +303,15 @@ def _step_and_scatter(
       (stats['first_nonfinite_step'] < 0) & ~finite, step, stats['first_nonfinite_step']
     ),
   }
-  return state, epoch_nxQ, stats
+  return state, aul_state, stats
+
+
+def _own_rows(index_B: jax.Array, mask_B: jax.Array, aul_state: aul.AULState) -> jax.Array:
+  """The batch's examples as rows of this device's part of the AUL state; padding and
+  other devices' examples get an out-of-range row, which `aul.add_rows` drops."""
+  rows = aul_state.aul_N.shape[0]
+  local_B = index_B - jax.lax.axis_index(DATA_AXIS) * rows
+  return jnp.where(mask_B & (local_B >= 0) & (local_B < rows), local_B, rows)
 
 
 def over_trials(fn: Callable, trials: int, in_axes: Any = 0) -> Callable:
@@ -324,11 +319,10 @@ def over_trials(fn: Callable, trials: int, in_axes: Any = 0) -> Callable:
   return jax.vmap(fn, in_axes=in_axes) if trials else fn
 
 
-def _finish_epoch(aul_state, epoch_NxQ, stats, data, epoch, *, trials: int, mesh):
-  """Folds the epoch into the AUL state; with the truth known, adds the AUL's AUROC (from
+def _finish_epoch(aul_state, stats, data, epoch, *, trials: int, mesh):
+  """Closes the epoch in the AUL state; with the truth known, adds the AUL's AUROC (from
   the AUL gathered whole on every device: the sort needs all of it)."""
-  fold = over_trials(lambda state, values: aul.add_epoch(state, values, epoch), trials)
-  aul_state = fold(aul_state, epoch_NxQ)
+  aul_state = over_trials(aul.end_epoch, trials, in_axes=(0, None))(aul_state, epoch)
   if 'is_mislabeled' in data:
     truth_N = data['is_mislabeled']
     aul_N = jax.sharding.reshard(aul_state.aul_N, NamedSharding(mesh, P()))[..., : len(truth_N)]
@@ -359,19 +353,18 @@ def make_train_epoch(
   and optionally the truth 'is_mislabeled' (N,), which adds the AUL's AUROC to the stats.
   `aul_state` is split over the data axis (`init_aul_state`). The whole epoch is one
   `lax.scan`. The per-example losses (and, if `aul_state` tracks them, the other dynamics)
-  of each step are gathered over devices and scattered by index into each device's rows of
-  the epoch's (N, Q) values, which are folded into the donated AUL state. With
+  of each step are gathered over devices, and each device folds them by index into its
+  own rows of the donated AUL state (`aul.add_rows`). With
   `draw_weights`, `draw_weights(key, N)` replaces data['weight'] with fresh weights at
   every epoch. With `trials` = R > 0, state, aul_state, key and the `trial_fields` of
   `data` have a leading R axis (the module docstring), and so have the stats.
   """
   local_batch = batch_size // mesh.shape[DATA_AXIS]
-  local_rows = rows_per_device(num_examples, mesh)
   one_step = functools.partial(
     _step_and_scatter, step_fn=step_fn, batch_size=batch_size, augment_images=augment_images
   )
 
-  def per_device_epoch(state, data, key, epoch, *, tracked):
+  def per_device_epoch(state, aul_state, data, key, epoch):
     order_key, augment_key, weight_key = _epoch_keys(key, epoch)
     if draw_weights is not None:
       data = {**data, 'weight': draw_weights(weight_key, num_examples)}
@@ -382,31 +375,26 @@ def make_train_epoch(
       images_b = data['image'][device_slice(index_B, local_batch)]
       return one_step(carry, images_b, index_B, mask_B, step, augment_key, data, epoch), None
 
-    # Each device's own rows: varying over the data axis, like the scan's output.
-    epoch_nxQ = jax.lax.pcast(aul.init_epoch_values(local_rows, tracked), DATA_AXIS, to='varying')
-    carry = (state, epoch_nxQ, _initial_stats())
+    carry = (state, aul_state, _initial_stats())
     steps = jnp.arange(index_SxB.shape[0])
-    (state, epoch_nxQ, stats), _ = jax.lax.scan(body, carry, (steps, index_SxB, mask_SxB))
-    return state, epoch_nxQ, stats
+    (state, aul_state, stats), _ = jax.lax.scan(body, carry, (steps, index_SxB, mask_SxB))
+    return state, aul_state, stats
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def run_epoch(state, aul_state, data, key, epoch):
     epoch = jnp.asarray(epoch, jnp.int32)
     epoch_fn = over_trials(
-      functools.partial(per_device_epoch, tracked=aul.tracked(aul_state)),
-      trials,
-      in_axes=(0, _data_axes(data, trial_fields), 0, None),
+      per_device_epoch, trials, in_axes=(0, 0, _data_axes(data, trial_fields), 0, None)
     )
+    specs = _aul_state_specs(aul_state, trials)
     sharded_epoch = jax.shard_map(
       epoch_fn,
       mesh=mesh,
-      in_specs=(P(), P(), P(), P()),
-      out_specs=(P(), _data_spec(trials), P()),
+      in_specs=(P(), specs, P(), P(), P()),
+      out_specs=(P(), specs, P()),
     )
-    state, epoch_NxQ, stats = sharded_epoch(state, data, key, epoch)
-    aul_state, stats = _finish_epoch(
-      aul_state, epoch_NxQ, stats, data, epoch, trials=trials, mesh=mesh
-    )
+    state, aul_state, stats = sharded_epoch(state, aul_state, data, key, epoch)
+    aul_state, stats = _finish_epoch(aul_state, stats, data, epoch, trials=trials, mesh=mesh)
     return state, aul_state, stats
 
   return run_epoch
@@ -443,11 +431,12 @@ def make_streamed_train_epoch(
     step_fn = over_trials(
       one_step, trials, in_axes=(0, 0, 0, 0, None, 0, _data_axes(data, fields), None)
     )
+    carry_specs = (P(), _aul_state_specs(carry[1], trials), P())
     sharded_step = jax.shard_map(
       step_fn,
       mesh=mesh,
-      in_specs=((P(), _data_spec(trials), P()), _data_spec(trials), P(), P(), P(), P(), P(), P()),
-      out_specs=(P(), _data_spec(trials), P()),
+      in_specs=(carry_specs, _data_spec(trials), P(), P(), P(), P(), P(), P()),
+      out_specs=carry_specs,
     )
     return sharded_step(carry, images, index_B, mask_B, step, augment_key, data, epoch)
 
@@ -477,14 +466,13 @@ def make_streamed_train_epoch(
   def run_epoch(state, aul_state, data, key, epoch):
     epoch = jnp.asarray(epoch, jnp.int32)
     weight, index, mask, augment_key, stats = start_epoch(key, epoch)
-    epoch_NxQ = init_epoch_values(mesh, num_examples, aul.tracked(aul_state), trials)
     fields = trial_fields
     if weight is not None:  # This epoch's random weights, one set per trial.
       data, fields = {**data, 'weight': weight}, (*trial_fields, 'weight')
     index_host = to_host(index)  # (S, B), or (R, S, B) with trials.
     steps = index_host.shape[-2]
     at = (lambda a, s: a[:, s]) if trials else (lambda a, s: a[s])
-    carry = (state, epoch_NxQ, stats)
+    carry = (state, aul_state, stats)
     with concurrent.futures.ThreadPoolExecutor(1) as loader:
       next_images = loader.submit(device_batch, at(index_host, 0))
       for step in range(steps):
@@ -502,8 +490,8 @@ def make_streamed_train_epoch(
           epoch,
           fields=fields,
         )
-    state, epoch_NxQ, stats = carry
-    aul_state, stats = finish(aul_state, epoch_NxQ, stats, data, epoch)
+    state, aul_state, stats = carry
+    aul_state, stats = finish(aul_state, stats, data, epoch)
     return state, aul_state, stats
 
   return run_epoch

@@ -48,13 +48,13 @@ def make_python_loop_epoch(
     }
     return index_SxB, mask_SxB, stats
 
-  def per_device_step(state, epoch_NxQ, stats, data, index_SxB, mask_SxB, step, epoch):
+  def per_device_step(state, aul_state, stats, data, index_SxB, mask_SxB, step, epoch):
     # The library's own per-device step (shared with its scan and streamed epochs), so the
     # two sides differ only in how steps are dispatched.
     index_B, mask_B = index_SxB[step], mask_SxB[step]
     images_b = data['image'][train.device_slice(index_B, local_batch)]
     return train._step_and_scatter(
-      (state, epoch_NxQ, stats),
+      (state, aul_state, stats),
       images_b,
       index_B,
       mask_B,
@@ -67,26 +67,27 @@ def make_python_loop_epoch(
       augment_images=False,
     )
 
+  # The AUL state of `aul.init_aul_state(..., dynamics=False)`: its (N,) AUL, split.
+  aul_specs = aul.AULState(P(train.DATA_AXIS), num_examples=num_examples)
   one_step = jax.jit(
     jax.shard_map(
       per_device_step,
       mesh=mesh,
-      in_specs=(P(), P(train.DATA_AXIS), *(P(),) * 6),
-      out_specs=(P(), P(train.DATA_AXIS), P()),
+      in_specs=(P(), aul_specs, *(P(),) * 6),
+      out_specs=(P(), aul_specs, P()),
     ),
     donate_argnums=(0, 1, 2),
   )
-  finish = jax.jit(aul.add_epoch, donate_argnums=(0,))
+  finish = jax.jit(aul.end_epoch, donate_argnums=(0,))
 
   def run_epoch(state, aul_state, data, key, epoch):
     epoch = jnp.asarray(epoch, jnp.int32)
     index_SxB, mask_SxB, stats = start(key, epoch)
-    epoch_NxQ = train.init_epoch_values(mesh, num_examples, 1)
     for step in range(steps):
-      state, epoch_NxQ, stats = one_step(
-        state, epoch_NxQ, stats, data, index_SxB, mask_SxB, jnp.int32(step), epoch
+      state, aul_state, stats = one_step(
+        state, aul_state, stats, data, index_SxB, mask_SxB, jnp.int32(step), epoch
       )
-    return state, finish(aul_state, epoch_NxQ, epoch), stats
+    return state, finish(aul_state, epoch), stats
 
   return run_epoch
 

@@ -1,11 +1,12 @@
 """Per-device memory of the per-example state, split over the data axis, on 1, 2 and 4 devices.
 
-The AUL state (the AUL and the seven dynamics accumulators, `train.init_aul_state`) is
-measured from the bytes each device actually holds (its addressable shards). The epoch's
-(N, Q) values live inside the compiled epoch, so the compiled epoch's temporary bytes per
-device (`compiled.memory_analysis()`, an MLP on 8x8 images) are reported beside them. The
-state's bytes per example row and the epoch values' row (4 Q bytes) project the per-device
-bytes for N = 1.28M (ImageNet) and N = 100M examples.
+The AUL state (the AUL and the nine dynamics accumulators, `train.init_aul_state`) is
+measured from the bytes each device actually holds (its addressable shards). Each step
+folds its examples into their rows of the state directly (`aul.add_rows`), so an epoch
+keeps no (N, Q) values; the compiled epoch's temporary bytes per device
+(`compiled.memory_analysis()`, an MLP on 8x8 images) are reported beside the state. The
+state's bytes per example row project the per-device bytes for N = 1.28M (ImageNet) and
+N = 100M examples.
 
   .venv/bin/python benchmarks/per_example_memory.py            # N = 262,144 on 1, 2, 4 devices
   .venv/bin/python benchmarks/per_example_memory.py --devices 1,8 --num-examples 1000000
@@ -29,7 +30,7 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
 import jax
 import numpy as np
 
-from aul_jax import dynamics, models, train
+from aul_jax import models, train
 from benchmarks import common
 
 NUM_CLASSES = 10
@@ -85,15 +86,15 @@ def measure(num_examples: int, num_devices: int, batch_size: int) -> dict:
   }
 
 
-def project(state_bytes_per_row: float, epoch_row_bytes: int) -> dict:
-  """Per-device bytes of the state and of the epoch's values at the PROJECTED sizes."""
-  out = {}
-  for name, n in PROJECTED.items():
-    out[name] = {
-      f'{devices}_devices': int(-(-n // devices) * (state_bytes_per_row + epoch_row_bytes))
+def project(state_bytes_per_row: float) -> dict:
+  """Per-device bytes of the per-example state at the PROJECTED sizes."""
+  return {
+    name: {
+      f'{devices}_devices': int(-(-n // devices) * state_bytes_per_row)
       for devices in PROJECTED_DEVICES
     }
-  return out
+    for name, n in PROJECTED.items()
+  }
 
 
 def main() -> None:
@@ -108,7 +109,6 @@ def main() -> None:
   if max(counts) > jax.device_count():
     parser.error(f'--devices asks for {max(counts)} devices; this process has {jax.device_count()}')
   rows = [measure(num_examples, d, args.batch_size) for d in counts]
-  epoch_row_bytes = 4 * len(dynamics.PER_EXAMPLE)  # The epoch's float32 (N, Q) values.
   print(f'per-example state on the data axis, N = {num_examples:,}')
   common.print_table(
     ['devices', 'rows per device', 'state B/device', 'state B/row', 'epoch temp B/device'],
@@ -124,8 +124,8 @@ def main() -> None:
     ],
   )
   per_row = rows[0]['state_bytes_per_row']
-  projected = project(per_row, epoch_row_bytes)
-  print(f'projected per device (state {per_row:g} B + epoch values {epoch_row_bytes} B per row):')
+  projected = project(per_row)
+  print(f'projected per device ({per_row:g} B per example row):')
   for name, by_devices in projected.items():
     print(f'  {name}: ' + ', '.join(f'{k} {v / 2**20:,.1f} MiB' for k, v in by_devices.items()))
   common.emit_json(
@@ -133,8 +133,7 @@ def main() -> None:
       'benchmark': 'per_example_memory',
       'num_examples': num_examples,
       'by_devices': rows,
-      'epoch_values_bytes_per_row': epoch_row_bytes,
-      'bytes_per_example_per_device': per_row + epoch_row_bytes,
+      'bytes_per_example_per_device': per_row,
       'projected_bytes_per_device': projected,
       'machine': common.machine(),
     }
