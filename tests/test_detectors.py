@@ -58,6 +58,30 @@ def test_per_class_mixture_ignores_other_classes_entirely():
   np.testing.assert_allclose(other.p_mislabeled_N[keep], base.p_mislabeled_N[keep], atol=1e-5)
 
 
+def test_class_rows_list_each_class_once_without_a_membership_matrix():
+  labels = np.array([2, 0, 2, 2, 0, 3, 2])  # Class 1 has no example.
+  index_KxC, weight_KxC = detectors._class_rows(labels, 4)
+  assert index_KxC.shape == weight_KxC.shape == (4, 4)  # K x the largest class, not K x N.
+  for c in range(4):
+    real = index_KxC[c][weight_KxC[c] > 0]
+    np.testing.assert_array_equal(real, np.flatnonzero(labels == c))
+
+
+def test_each_class_mixture_is_that_class_fit_alone():
+  rng = np.random.default_rng(3)
+  labels = rng.choice(4, 900, p=[0.6, 0.3, 0.1, 0.0])  # Unequal classes, one empty.
+  score = rng.normal(size=900) + 3.0 * (rng.random(900) < 0.3) + labels
+  together = detectors.class_mixtures(score, labels, 4, n_init=1)
+  for c in range(3):
+    only = np.zeros(np.sum(labels == c), int)
+    alone = detectors.class_mixtures(score[labels == c], only, 1, n_init=1)
+    # The padded row sums in another order, so EM may stop a few steps apart (1e-3 here).
+    np.testing.assert_allclose(
+      together.p_mislabeled_N[labels == c], alone.p_mislabeled_N, atol=5e-3, err_msg=str(c)
+    )
+    assert abs(together.mixture.weights[c, 1] - alone.mixture.weights[0, 1]) < 5e-3
+
+
 def test_detect_takes_plain_arguments():
   score, labels, truth, k = _class_dependent_scores()
   stats = {'aul': score, 'aum': -score, 'confidence': -score, 'last_loss': score}
