@@ -79,10 +79,9 @@ def tracked(state: AULState) -> int:
   return 1 if state.dynamics is None else len(dynamics_lib.PER_EXAMPLE)
 
 
-def init_epoch_values(num_rows: int, num_tracked: int) -> jax.Array:
-  """Zero (N, Q) float32 values of one epoch (or of a device's rows of it): column q is
-  dynamics.PER_EXAMPLE[q]."""
-  return jnp.zeros((num_rows, num_tracked), jnp.float32)
+def init_epoch_values(num_examples: int, num_tracked: int) -> jax.Array:
+  """Zero (N, Q) float32 values of one epoch: column q is dynamics.PER_EXAMPLE[q]."""
+  return jnp.zeros((num_examples, num_tracked), jnp.float32)
 
 
 def scatter_losses(

@@ -13,7 +13,8 @@ so the images are on the device once and an epoch stays one dispatch. Without tr
 The per-example state (the AUL state) is split over the data axis: each device owns a
 contiguous range of ceil(N / devices) example rows (`init_aul_state`). Every step gathers
 the global batch's per-example values, and each device folds them into its own rows only
-(`aul.add_rows`), so a device holds 40 N / devices bytes of it and no (N, Q) epoch buffer.
+(`aul.add_rows`), so a device holds O(N / devices) bytes of it (40 per example with the
+dynamics, plus the history's) and no (N, Q) epoch buffer.
 """
 
 import concurrent.futures
